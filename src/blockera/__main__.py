@@ -1,0 +1,5 @@
+"""`python -m blockera` runs the command line."""
+
+from blockera.cli.main import main
+
+main()
