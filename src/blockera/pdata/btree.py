@@ -1,0 +1,747 @@
+"""Persistent-data btrees (specs/era-metadata.md §6; the kernel's dm-btree*.c).
+
+A node is one 4 KiB block: a 32-byte header (csum, flags, blocknr, nr_entries, max_entries,
+value_size), `max_entries` little-endian u64 keys, then `max_entries` packed values. Internal
+nodes map the lowest key of each child to the child's block (8-byte values); leaves hold the
+tree's values. Lookups use "greatest key <= search key"; all leaves sit at the same depth.
+
+Updates follow the kernel's algorithms exactly (shadowing along a two-node spine, split beneath
+the root, rebalance into a sibling with >= 8 free slots, one-into-two or two-into-three splits,
+rebalancing and merging on removal), so a blockera-driven device allocates the same number of
+metadata blocks as the kernel would and its status lines agree.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from blockera.errors import MetadataError
+from blockera.pdata.checksum import BTREE_NODE
+from blockera.pdata.transaction import TransactionManager
+from blockera.units import METADATA_BLOCK_BYTES
+
+INTERNAL_NODE = 1
+LEAF_NODE = 2
+NODE_HEADER_BYTES = 32
+SPACE_THRESHOLD = 8
+MAX_DEPTH = 64
+
+_HEADER = struct.Struct("<IIQIIII")  # csum flags blocknr nr_entries max_entries value_size pad
+_U64 = struct.Struct("<Q")
+
+
+def calc_max_entries(value_size: int) -> int:
+    """Entries per node for `value_size`-byte values: a multiple of 3, as the kernel uses."""
+    total = (METADATA_BLOCK_BYTES - NODE_HEADER_BYTES) // (8 + value_size)
+    return 3 * (total // 3)
+
+
+@dataclass(frozen=True)
+class ValueType:
+    """What a leaf value is. `inc`/`dec` take (packed values, count) and adjust the reference
+    counts of blocks the values point at; `equal` compares two packed values."""
+
+    size: int
+    inc: Callable[[bytes, int], None] | None = None
+    dec: Callable[[bytes, int], None] | None = None
+    equal: Callable[[bytes, bytes], bool] | None = None
+
+
+class Node:
+    """Accessors over a node buffer (bytes for reading, bytearray for writing)."""
+
+    __slots__ = ("buf", "max_entries", "value_size")
+
+    def __init__(self, buf: bytes | bytearray) -> None:
+        self.buf = buf
+        _, _, _, _, self.max_entries, self.value_size, _ = _HEADER.unpack_from(buf, 0)
+
+    # header fields
+    @property
+    def flags(self) -> int:
+        return struct.unpack_from("<I", self.buf, 4)[0]
+
+    @property
+    def nr_entries(self) -> int:
+        return struct.unpack_from("<I", self.buf, 16)[0]
+
+    @nr_entries.setter
+    def nr_entries(self, n: int) -> None:
+        struct.pack_into("<I", self.buf, 16, n)
+
+    @property
+    def is_leaf(self) -> bool:
+        return bool(self.flags & LEAF_NODE)
+
+    @property
+    def is_internal(self) -> bool:
+        return bool(self.flags & INTERNAL_NODE)
+
+    # keys and values
+    def key(self, i: int) -> int:
+        return _U64.unpack_from(self.buf, NODE_HEADER_BYTES + 8 * i)[0]
+
+    def set_key(self, i: int, key: int) -> None:
+        _U64.pack_into(self.buf, NODE_HEADER_BYTES + 8 * i, key)
+
+    def value_offset(self, i: int) -> int:
+        return NODE_HEADER_BYTES + 8 * self.max_entries + i * self.value_size
+
+    def value(self, i: int) -> bytes:
+        off = self.value_offset(i)
+        return bytes(self.buf[off: off + self.value_size])
+
+    def values(self, start: int, count: int) -> bytes:
+        off = self.value_offset(start)
+        return bytes(self.buf[off: off + count * self.value_size])
+
+    def set_value(self, i: int, value: bytes) -> None:
+        off = self.value_offset(i)
+        self.buf[off: off + self.value_size] = value
+
+    def child(self, i: int) -> int:
+        return _U64.unpack_from(self.buf, self.value_offset(i))[0]
+
+    def set_child(self, i: int, location: int) -> None:
+        _U64.pack_into(self.buf, self.value_offset(i), location)
+
+    def keys(self) -> list[int]:
+        n = self.nr_entries
+        return list(struct.unpack_from(f"<{n}Q", self.buf, NODE_HEADER_BYTES))
+
+    def bsearch(self, key: int, want_hi: bool) -> int:
+        lo, hi = -1, self.nr_entries
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            mid_key = self.key(mid)
+            if mid_key == key:
+                return mid
+            if mid_key < key:
+                lo = mid
+            else:
+                hi = mid
+        return hi if want_hi else lo
+
+    def lower_bound(self, key: int) -> int:
+        """Index of the greatest key <= `key`, or -1."""
+        return self.bsearch(key, False)
+
+    def upper_bound(self, key: int) -> int:
+        return self.bsearch(key, True)
+
+    # entry moves (same value size on both sides)
+    def insert_at(self, index: int, key: int, value: bytes) -> None:
+        n = self.nr_entries
+        if index > n or index >= self.max_entries or n >= self.max_entries:
+            raise MetadataError("too many entries in btree node for insert")
+        vs = self.value_size
+        kb = NODE_HEADER_BYTES
+        self.buf[kb + 8 * (index + 1): kb + 8 * (n + 1)] = self.buf[kb + 8 * index: kb + 8 * n]
+        vo = self.value_offset(0)
+        self.buf[vo + vs * (index + 1): vo + vs * (n + 1)] = self.buf[vo + vs * index: vo + vs * n]
+        self.set_key(index, key)
+        self.set_value(index, value)
+        self.nr_entries = n + 1
+
+    def delete_at(self, index: int) -> None:
+        n = self.nr_entries
+        if index >= n:
+            raise MetadataError("btree delete beyond the last entry")
+        vs = self.value_size
+        kb = NODE_HEADER_BYTES
+        self.buf[kb + 8 * index: kb + 8 * (n - 1)] = self.buf[kb + 8 * (index + 1): kb + 8 * n]
+        vo = self.value_offset(0)
+        self.buf[vo + vs * index: vo + vs * (n - 1)] = self.buf[vo + vs * (index + 1): vo + vs * n]
+        self.nr_entries = n - 1
+
+
+def init_node(buf: bytearray, flags: int, max_entries: int, value_size: int) -> Node:
+    struct.pack_into("<I", buf, 4, flags)
+    struct.pack_into("<III", buf, 16, 0, max_entries, value_size)
+    return Node(buf)
+
+
+def copy_entries(dest: Node, dest_offset: int, src: Node, src_offset: int, count: int) -> None:
+    """Copy `count` entries between two distinct nodes."""
+    if count <= 0:
+        return
+    kb = NODE_HEADER_BYTES
+    dest.buf[kb + 8 * dest_offset: kb + 8 * (dest_offset + count)] = \
+        src.buf[kb + 8 * src_offset: kb + 8 * (src_offset + count)]
+    vs = dest.value_size
+    d = dest.value_offset(dest_offset)
+    s = src.value_offset(src_offset)
+    dest.buf[d: d + vs * count] = src.buf[s: s + vs * count]
+
+
+def move_entries(node: Node, dest_offset: int, src_offset: int, count: int) -> None:
+    """Move `count` entries within one node (regions may overlap)."""
+    if count <= 0:
+        return
+    kb = NODE_HEADER_BYTES
+    node.buf[kb + 8 * dest_offset: kb + 8 * (dest_offset + count)] = \
+        node.buf[kb + 8 * src_offset: kb + 8 * (src_offset + count)]
+    vs = node.value_size
+    d = node.value_offset(dest_offset)
+    s = node.value_offset(src_offset)
+    node.buf[d: d + vs * count] = node.buf[s: s + vs * count]
+
+
+def shift_down(node: Node, count: int) -> None:
+    move_entries(node, 0, count, node.nr_entries - count)
+
+
+def shift_up(node: Node, count: int) -> None:
+    move_entries(node, count, 0, node.nr_entries)
+
+
+class _Spine:
+    """The kernel's shadow spine: at most a node and its parent are held; the root's new
+    location is remembered from the first step."""
+
+    def __init__(self, tree: "BTree") -> None:
+        self.tree = tree
+        self.nodes: list[tuple[int, Node]] = []
+        self.root = 0
+
+    def step(self, location: int, vt: ValueType) -> None:
+        if len(self.nodes) == 2:
+            self.nodes.pop(0)
+        new_location, buf, inc = self.tree.tm.shadow(location, BTREE_NODE)
+        node = Node(buf)
+        if inc:
+            self.tree.inc_children(node, vt)
+        if not self.nodes:
+            self.root = new_location
+        self.nodes.append((new_location, node))
+
+    @property
+    def current(self) -> tuple[int, Node]:
+        return self.nodes[-1]
+
+    @property
+    def parent(self) -> tuple[int, Node]:
+        return self.nodes[0]
+
+    @property
+    def has_parent(self) -> bool:
+        return len(self.nodes) > 1
+
+    def set_current(self, location: int, node: Node) -> None:
+        self.nodes[-1] = (location, node)
+
+
+class BTree:
+    """One btree type (its value type and number of levels) over a transaction manager."""
+
+    def __init__(self, tm: TransactionManager, value_type: ValueType, levels: int = 1) -> None:
+        self.tm = tm
+        self.value_type = value_type
+        self.levels = levels
+        self.le64_type = ValueType(8, self._le64_inc, self._le64_dec,
+                                   lambda a, b: a == b)
+
+    # -- value-type helpers ------------------------------------------------------------------
+    def _le64_inc(self, values: bytes, count: int) -> None:
+        for (b,) in struct.iter_unpack("<Q", values[: 8 * count]):
+            self.tm.inc(b)
+
+    def _le64_dec(self, values: bytes, count: int) -> None:
+        for (b,) in struct.iter_unpack("<Q", values[: 8 * count]):
+            self.tm.dec(b)
+
+    def inc_children(self, node: Node, vt: ValueType) -> None:
+        n = node.nr_entries
+        if node.is_internal:
+            for i in range(n):
+                self.tm.inc(node.child(i))
+        elif vt.inc is not None and n:
+            vt.inc(node.values(0, n), n)
+
+    def _read(self, location: int) -> Node:
+        return Node(self.tm.read(location, BTREE_NODE))
+
+    # -- creation ----------------------------------------------------------------------------
+    def empty(self) -> int:
+        """A new, empty tree (one leaf); returns its root."""
+        location, buf = self.tm.new_block(BTREE_NODE)
+        init_node(buf, LEAF_NODE, calc_max_entries(self.value_type.size), self.value_type.size)
+        return location
+
+    # -- lookup ------------------------------------------------------------------------------
+    def _lookup_raw(self, root: int, key: int) -> tuple[int, bytes] | None:
+        location = root
+        for _ in range(MAX_DEPTH):
+            node = self._read(location)
+            i = node.lower_bound(key)
+            if i < 0 or i >= node.nr_entries:
+                return None
+            if node.is_leaf:
+                return node.key(i), node.value(i)
+            location = node.child(i)
+        raise MetadataError("btree deeper than 64 levels (cycle?)", block=root)
+
+    def lookup(self, root: int, keys: list[int] | int) -> bytes | None:
+        """The value stored under `keys` (one key per level), or None."""
+        keys = [keys] if isinstance(keys, int) else keys
+        value = b""
+        for level, key in enumerate(keys):
+            found = self._lookup_raw(root, key)
+            if found is None or found[0] != key:
+                return None
+            value = found[1]
+            if level < self.levels - 1:
+                root = _U64.unpack(value)[0]
+        return value
+
+    def _find_key(self, root: int, highest: bool) -> int | None:
+        location = root
+        for _ in range(MAX_DEPTH):
+            node = self._read(location)
+            n = node.nr_entries
+            if n == 0:
+                return None
+            i = n - 1 if highest else 0
+            if node.is_leaf:
+                return node.key(i)
+            location = node.child(i)
+        raise MetadataError("btree deeper than 64 levels (cycle?)", block=root)
+
+    def find_lowest_key(self, root: int) -> int | None:
+        return self._find_key(root, False)
+
+    def find_highest_key(self, root: int) -> int | None:
+        return self._find_key(root, True)
+
+    def walk(self, root: int) -> Iterator[tuple[int, bytes]]:
+        """Every (key, value) of a single-level tree in key order."""
+        stack = [root]
+        while stack:
+            node = self._read(stack.pop())
+            n = node.nr_entries
+            if node.is_leaf:
+                for i in range(n):
+                    yield node.key(i), node.value(i)
+            else:
+                stack.extend(node.child(i) for i in range(n - 1, -1, -1))
+
+    # -- insertion ---------------------------------------------------------------------------
+    def insert(self, root: int, keys: list[int] | int, value: bytes) -> tuple[int, bool]:
+        """Insert or overwrite; returns (new root, True if a new entry was added)."""
+        keys = [keys] if isinstance(keys, int) else keys
+        spine = _Spine(self)
+        block = root
+        index = -1
+        last = self.levels - 1
+        for level in range(last):
+            index = self._insert_raw(spine, block, self.le64_type, keys[level], index)
+            _, node = spine.current
+            if index >= node.nr_entries or node.key(index) != keys[level]:
+                new_tree = self.empty()
+                node.insert_at(index, keys[level], _U64.pack(new_tree))
+            block = node.child(index)
+        index = self._insert_raw(spine, block, self.value_type, keys[last], index)
+        _, node = spine.current
+        vt = self.value_type
+        if index >= node.nr_entries or node.key(index) != keys[last]:
+            node.insert_at(index, keys[last], value)
+            inserted = True
+        else:
+            old = node.value(index)
+            if vt.dec is not None and (vt.equal is None or not vt.equal(old, value)):
+                vt.dec(old, 1)
+            node.set_value(index, value)
+            inserted = False
+        return spine.root, inserted
+
+    def _insert_raw(self, spine: _Spine, root: int, vt: ValueType, key: int, index: int) -> int:
+        i = index
+        top = True
+        while True:
+            spine.step(root, vt)
+            location, node = spine.current
+            if spine.has_parent and i >= 0:
+                spine.parent[1].set_child(i, location)
+            if not self._has_space_for_insert(node, key):
+                if top:
+                    self._split_beneath(spine)
+                else:
+                    self._rebalance_or_split(spine, vt, i, key)
+                location, node = spine.current
+            i = node.lower_bound(key)
+            if node.is_leaf:
+                break
+            if i < 0:
+                node.set_key(0, key)
+                i = 0
+            root = node.child(i)
+            top = False
+        if i < 0 or node.key(i) != key:
+            i += 1
+        return i
+
+    @staticmethod
+    def _has_space_for_insert(node: Node, key: int) -> bool:
+        if node.nr_entries == node.max_entries:
+            if node.is_leaf:
+                i = node.lower_bound(key)
+                return i >= 0 and node.key(i) == key
+            return False
+        return True
+
+    def _new_sibling(self, like: Node) -> tuple[int, Node]:
+        location, buf = self.tm.new_block(BTREE_NODE)
+        node = init_node(buf, like.flags, like.max_entries, like.value_size)
+        return location, node
+
+    def _split_beneath(self, spine: _Spine) -> None:
+        """Full root: move its entries into two new children; the root becomes internal."""
+        _, parent = spine.current
+        n = parent.nr_entries
+        nr_left = n // 2
+        left_loc, left = self._new_sibling(parent)
+        copy_entries(left, 0, parent, 0, nr_left)
+        left.nr_entries = nr_left
+        right_loc, right = self._new_sibling(parent)
+        copy_entries(right, 0, parent, nr_left, n - nr_left)
+        right.nr_entries = n - nr_left
+        struct.pack_into("<I", parent.buf, 4, INTERNAL_NODE)
+        struct.pack_into("<III", parent.buf, 16, 2, calc_max_entries(8), 8)
+        new_parent = Node(parent.buf)
+        new_parent.set_key(0, left.key(0))
+        new_parent.set_child(0, left_loc)
+        new_parent.set_key(1, right.key(0))
+        new_parent.set_child(1, right_loc)
+        location, _ = spine.current
+        spine.set_current(location, new_parent)
+
+    @staticmethod
+    def _redistribute2(left: Node, right: Node) -> None:
+        nr_left, nr_right = left.nr_entries, right.nr_entries
+        total = nr_left + nr_right
+        target_left = total // 2
+        target_right = total - target_left
+        if nr_left < target_left:
+            delta = target_left - nr_left
+            copy_entries(left, nr_left, right, 0, delta)
+            shift_down(right, delta)
+        elif nr_left > target_left:
+            delta = nr_left - target_left
+            if nr_right:
+                shift_up(right, delta)
+            copy_entries(right, 0, left, target_left, delta)
+        left.nr_entries = target_left
+        right.nr_entries = target_right
+
+    @staticmethod
+    def _redistribute3(left: Node, center: Node, right: Node) -> None:
+        nr_left, nr_right = left.nr_entries, right.nr_entries
+        total = nr_left + nr_right
+        target_left = total // 3
+        target_center = (total - target_left) // 2
+        target_right = total - target_left - target_center
+        if nr_left < target_left:
+            left_short = target_left - nr_left
+            copy_entries(left, nr_left, right, 0, left_short)
+            copy_entries(center, 0, right, left_short, target_center)
+            shift_down(right, nr_right - target_right)
+        elif nr_left < target_left + target_center:
+            left_to_center = nr_left - target_left
+            copy_entries(center, 0, left, target_left, left_to_center)
+            copy_entries(center, left_to_center, right, 0, target_center - left_to_center)
+            shift_down(right, nr_right - target_right)
+        else:
+            right_short = target_right - nr_right
+            shift_up(right, right_short)
+            copy_entries(right, 0, left, nr_left - right_short, right_short)
+            copy_entries(center, 0, left, target_left, nr_left - target_left)
+        left.nr_entries = target_left
+        center.nr_entries = target_center
+        right.nr_entries = target_right
+
+    def _shadow_child(self, parent: Node, index: int, vt: ValueType) -> tuple[int, Node]:
+        location, buf, inc = self.tm.shadow(parent.child(index), BTREE_NODE)
+        node = Node(buf)
+        if inc:
+            self.inc_children(node, vt)
+        parent.set_child(index, location)
+        return location, node
+
+    def _split_one_into_two(self, spine: _Spine, parent_index: int, key: int) -> None:
+        left_loc, left = spine.current
+        right_loc, right = self._new_sibling(left)
+        self._redistribute2(left, right)
+        _, parent = spine.parent
+        parent.insert_at(parent_index + 1, right.key(0), _U64.pack(right_loc))
+        if key >= right.key(0):
+            spine.set_current(right_loc, right)
+
+    def _split_two_into_three(self, spine: _Spine, parent_index: int, vt: ValueType,
+                              key: int) -> None:
+        _, parent = spine.parent
+        if parent_index == 0:
+            middle_index = 1
+            left_loc, left = spine.current
+            right_loc, right = self._shadow_child(parent, parent_index + 1, vt)
+        else:
+            middle_index = parent_index
+            right_loc, right = spine.current
+            left_loc, left = self._shadow_child(parent, parent_index - 1, vt)
+        middle_loc, middle = self._new_sibling(left)
+        self._redistribute3(left, middle, right)
+        parent.set_key(middle_index, right.key(0))
+        parent.insert_at(middle_index, middle.key(0), _U64.pack(middle_loc))
+        if key < middle.key(0):
+            spine.set_current(left_loc, left)
+        elif key < right.key(0):
+            spine.set_current(middle_loc, middle)
+        else:
+            spine.set_current(right_loc, right)
+
+    def _rebalance_left(self, spine: _Spine, vt: ValueType, parent_index: int, key: int) -> None:
+        _, parent = spine.parent
+        sib_loc, left = self._shadow_child(parent, parent_index - 1, vt)
+        _, right = spine.current
+        self._redistribute2(left, right)
+        parent.set_key(parent_index, right.key(0))
+        if key < right.key(0):
+            spine.set_current(sib_loc, left)
+
+    def _rebalance_right(self, spine: _Spine, vt: ValueType, parent_index: int,
+                         key: int) -> None:
+        _, parent = spine.parent
+        sib_loc, right = self._shadow_child(parent, parent_index + 1, vt)
+        _, left = spine.current
+        self._redistribute2(left, right)
+        parent.set_key(parent_index + 1, right.key(0))
+        if key >= right.key(0):
+            spine.set_current(sib_loc, right)
+
+    def _free_space(self, location: int) -> int:
+        node = self._read(location)
+        return node.max_entries - node.nr_entries
+
+    def _rebalance_or_split(self, spine: _Spine, vt: ValueType, parent_index: int,
+                            key: int) -> None:
+        _, parent = spine.parent
+        nr_parent = parent.nr_entries
+        left_shared = right_shared = False
+        if parent_index > 0:
+            left_b = parent.child(parent_index - 1)
+            left_shared = self.tm.is_shared(left_b)
+            if not left_shared and self._free_space(left_b) >= SPACE_THRESHOLD:
+                self._rebalance_left(spine, vt, parent_index, key)
+                return
+        if parent_index < nr_parent - 1:
+            right_b = parent.child(parent_index + 1)
+            right_shared = self.tm.is_shared(right_b)
+            if not right_shared and self._free_space(right_b) >= SPACE_THRESHOLD:
+                self._rebalance_right(spine, vt, parent_index, key)
+                return
+        if (left_shared or right_shared or nr_parent <= 2 or parent_index == 0
+                or parent_index + 1 == nr_parent):
+            self._split_one_into_two(spine, parent_index, key)
+        else:
+            self._split_two_into_three(spine, parent_index, vt, key)
+
+    # -- removal -----------------------------------------------------------------------------
+    def remove(self, root: int, keys: list[int] | int) -> int:
+        """Remove the entry for `keys`; returns the new root. Raises KeyError if absent."""
+        keys = [keys] if isinstance(keys, int) else keys
+        spine = _Spine(self)
+        last = self.levels - 1
+        index = 0
+        for level in range(self.levels):
+            vt = self.value_type if level == last else self.le64_type
+            index = self._remove_raw(spine, vt, root, keys[level], index)
+            _, node = spine.current
+            if level != last:
+                root = node.child(index)
+                continue
+            if self.value_type.dec is not None:
+                self.value_type.dec(node.value(index), 1)
+            node.delete_at(index)
+        return spine.root
+
+    def _remove_raw(self, spine: _Spine, vt: ValueType, root: int, key: int, index: int) -> int:
+        i = index
+        while True:
+            spine.step(root, vt)
+            location, node = spine.current
+            if spine.has_parent:
+                spine.parent[1].set_child(i, location)
+            if node.is_leaf:
+                return self._leaf_index(node, key)
+            self._rebalance_children(spine, vt, key)
+            location, node = spine.current
+            if node.is_leaf:
+                return self._leaf_index(node, key)
+            i = node.lower_bound(key)
+            root = node.child(i)
+
+    @staticmethod
+    def _leaf_index(node: Node, key: int) -> int:
+        i = node.lower_bound(key)
+        if i < 0 or i >= node.nr_entries or node.key(i) != key:
+            raise KeyError(key)
+        return i
+
+    def _rebalance_children(self, spine: _Spine, vt: ValueType, key: int) -> None:
+        location, node = spine.current
+        if node.nr_entries == 1:
+            child = node.child(0)
+            data = self.tm.read(child, BTREE_NODE)
+            node.buf[:] = data
+            self.tm.dec(child)
+            spine.set_current(location, Node(node.buf))
+            return
+        i = node.lower_bound(key)
+        if i < 0:
+            raise KeyError(key)
+        has_left = i > 0
+        has_right = i < node.nr_entries - 1
+        if not has_left:
+            self._rebalance2(node, vt, i)
+        elif not has_right:
+            self._rebalance2(node, vt, i - 1)
+        else:
+            self._rebalance3(node, vt, i - 1)
+
+    @staticmethod
+    def _merge_threshold(node: Node) -> int:
+        return node.max_entries // 3
+
+    @staticmethod
+    def _node_shift(node: Node, shift: int) -> None:
+        n = node.nr_entries
+        if shift < 0:
+            move_entries(node, 0, -shift, n + shift)
+        else:
+            move_entries(node, shift, 0, n)
+
+    @staticmethod
+    def _node_copy(left: Node, right: Node, shift: int) -> None:
+        nr_left = left.nr_entries
+        if shift < 0:
+            copy_entries(left, nr_left, right, 0, -shift)
+        else:
+            copy_entries(right, 0, left, nr_left - shift, shift)
+
+    def _shift(self, left: Node, right: Node, count: int) -> None:
+        nr_left, nr_right = left.nr_entries, right.nr_entries
+        if not count:
+            return
+        if count > 0:
+            self._node_shift(right, count)
+            self._node_copy(left, right, count)
+        else:
+            self._node_copy(left, right, count)
+            self._node_shift(right, count)
+        left.nr_entries = nr_left - count
+        right.nr_entries = nr_right + count
+
+    def _rebalance2_nodes(self, parent: Node, left_loc: int, left: Node, right_index: int,
+                          right_loc: int, right: Node) -> None:
+        nr_left, nr_right = left.nr_entries, right.nr_entries
+        threshold = 2 * self._merge_threshold(left) + 1
+        if nr_left + nr_right < threshold:
+            self._node_copy(left, right, -nr_right)
+            left.nr_entries = nr_left + nr_right
+            parent.delete_at(right_index)
+            self.tm.dec(right_loc)
+        else:
+            target_left = (nr_left + nr_right) // 2
+            self._shift(left, right, nr_left - target_left)
+            parent.set_key(right_index, right.key(0))
+
+    def _rebalance2(self, parent: Node, vt: ValueType, left_index: int) -> None:
+        left_loc, left = self._shadow_child(parent, left_index, vt)
+        right_loc, right = self._shadow_child(parent, left_index + 1, vt)
+        self._rebalance2_nodes(parent, left_loc, left, left_index + 1, right_loc, right)
+
+    def _rebalance3(self, parent: Node, vt: ValueType, left_index: int) -> None:
+        left_loc, left = self._shadow_child(parent, left_index, vt)
+        center_loc, center = self._shadow_child(parent, left_index + 1, vt)
+        right_loc, right = self._shadow_child(parent, left_index + 2, vt)
+        nr_left, nr_center, nr_right = left.nr_entries, center.nr_entries, right.nr_entries
+        threshold = self._merge_threshold(left) * 4 + 1
+        if nr_left + nr_center + nr_right < threshold:
+            # delete the center node: as many entries as fit go left, the rest right
+            max_entries = left.max_entries
+            shift = min(max_entries - nr_left, nr_center)
+            self._node_copy(left, center, -shift)
+            left.nr_entries = nr_left + shift
+            if shift != nr_center:
+                shift = nr_center - shift
+                self._node_shift(right, shift)
+                self._node_copy(center, right, shift)
+                right.nr_entries = nr_right + shift
+            parent.set_key(left_index + 2, right.key(0))
+            parent.delete_at(left_index + 1)
+            self.tm.dec(center_loc)
+            self._rebalance2_nodes(parent, left_loc, left, left_index + 1, right_loc, right)
+            return
+        total = nr_left + nr_center + nr_right
+        target_right = total // 3
+        remainder = 1 if target_right * 3 != total else 0
+        target_left = target_right + remainder
+        if nr_left < nr_right:
+            s = nr_left - target_left
+            if s < 0 and nr_center < -s:
+                self._shift(left, center, -nr_center)
+                s += nr_center
+                self._shift(left, right, s)
+                nr_right += s
+            else:
+                self._shift(left, center, s)
+            self._shift(center, right, target_right - nr_right)
+        else:
+            s = target_right - nr_right
+            if s > 0 and nr_center < s:
+                self._shift(center, right, nr_center)
+                s -= nr_center
+                self._shift(left, right, s)
+                nr_left -= s
+            else:
+                self._shift(center, right, s)
+            self._shift(left, center, nr_left - target_left)
+        parent.set_key(left_index + 1, center.key(0))
+        parent.set_key(left_index + 2, right.key(0))
+
+    # -- deletion of a whole tree ------------------------------------------------------------
+    def delete(self, root: int) -> None:
+        """Drop a reference to a whole tree: shared nodes are just decremented; unshared ones
+        release their children (or values) recursively (the kernel's dm_btree_del)."""
+        # stack entries: [location, node, level, next child]
+        stack: list[list] = []
+
+        def push(location: int, level: int) -> None:
+            if len(stack) >= MAX_DEPTH - 1:
+                raise MetadataError("btree deeper than 64 levels (cycle?)", block=location)
+            if self.tm.ref(location) > 1:
+                self.tm.dec(location)
+                return
+            stack.append([location, self._read(location), level, 0])
+
+        push(root, 0)
+        while stack:
+            frame = stack[-1]
+            location, node, level, current = frame
+            n = node.nr_entries
+            if current >= n:
+                stack.pop()
+                self.tm.dec(location)
+                continue
+            if node.is_internal:
+                frame[3] += 1
+                push(node.child(current), level)
+            elif level < self.levels - 1:
+                frame[3] += 1
+                push(node.child(current), level + 1)
+            else:
+                if self.value_type.dec is not None:
+                    self.value_type.dec(node.values(0, n), n)
+                stack.pop()
+                self.tm.dec(location)
