@@ -1,0 +1,1 @@
+"""The `blockera` command line. Thin: parsing, output and exit codes; the work lives below."""

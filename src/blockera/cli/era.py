@@ -1,0 +1,182 @@
+"""`blockera era ...`: the era metadata tools, with thin-provisioning-tools' flags and output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import click
+
+from blockera.blockdev import FileDevice
+from blockera.errors import DeviceError, UsageError
+from blockera.units import parse_size_bytes, SECTOR_BYTES
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[BinaryIO]:
+    """stdout, or a file that only replaces `path` once the output is complete."""
+    if path is None:
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise DeviceError(f"{path}: cannot write output: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _open_metadata(path: str) -> FileDevice:
+    return FileDevice(path, writable=False, direct=True)
+
+
+@click.group()
+def era() -> None:
+    """dm-era metadata tools (drop-in for era_dump, era_invalidate, era_check, era_restore)."""
+
+
+@era.command()
+@click.argument("metadata", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the XML here.")
+@click.option("--logical", is_flag=True,
+              help="No writesets; each block's era is the newest era it was written in.")
+@click.option("--metadata-snapshot", is_flag=True,
+              help="Dump the held metadata snapshot instead of the live superblock.")
+def dump(metadata: str, output: str | None, logical: bool, metadata_snapshot: bool) -> None:
+    """Print era metadata as XML (byte-identical to era_dump).
+
+    \b
+    Example:
+      blockera era dump --logical /dev/mapper/era-access
+    """
+    from blockera.era.dump import dump_xml
+    from blockera.era.reader import EraImage
+
+    with _open_metadata(metadata) as dev:
+        image = EraImage(dev, use_snapshot=metadata_snapshot)
+        with _output(output) as out:
+            dump_xml(image, out, logical=logical)
+
+
+@era.command()
+@click.argument("metadata", type=click.Path(dir_okay=False))
+@click.option("--written-since", "era_threshold", type=click.IntRange(0, 2**32 - 1),
+              required=True, metavar="ERA",
+              help="List blocks written in this era or later.")
+@click.option("--metadata-snapshot", is_flag=True,
+              help="Read the held metadata snapshot (safe on live metadata).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the result here.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"nr_blocks", "written_since", "ranges": [[begin, end), ...]}.')
+def invalidate(metadata: str, era_threshold: int, metadata_snapshot: bool, output: str | None,
+               as_json: bool) -> None:
+    """List the blocks written since an era (era_invalidate's output).
+
+    \b
+    Example:
+      dmsetup message era 0 take_metadata_snap
+      blockera era invalidate --written-since 3 --metadata-snapshot /dev/mapper/era-access
+      dmsetup message era 0 drop_metadata_snap
+    """
+    from blockera.era.invalidate import write_json, write_xml, written_since
+    from blockera.era.reader import EraImage
+
+    with _open_metadata(metadata) as dev:
+        result = written_since(EraImage(dev, use_snapshot=metadata_snapshot), era_threshold)
+        with _output(output) as out:
+            (write_json if as_json else write_xml)(result, out)
+
+
+@era.command()
+@click.argument("metadata", type=click.Path(dir_okay=False))
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing; only the exit code tells.")
+@click.option("--super-block-only", is_flag=True, help="Check only the superblock.")
+def check(metadata: str, quiet: bool, super_block_only: bool) -> None:
+    """Validate era metadata: exit 0 if sound, 1 if damaged.
+
+    Checks everything era_check does, plus the current writeset, the metadata snapshot and the
+    space map's reference counts.
+
+    \b
+    Example:
+      blockera era check /dev/mapper/era-access
+    """
+    from blockera.era.check import check_era_metadata
+
+    if not Path(metadata).exists():
+        raise DeviceError(f"{metadata}: no such file or directory")
+    with _open_metadata(metadata) as dev:
+        report = check_era_metadata(dev, superblock_only=super_block_only)
+    if not quiet:
+        for line in report.lines():
+            click.echo(line, err=True)
+    sys.exit(0 if report.ok else 1)
+
+
+@era.command()
+@click.option("-i", "--input", "input_path", required=True, type=click.Path(dir_okay=False),
+              help="era_dump XML to restore.")
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="Metadata device or file (must exist; a file needs room for the metadata).")
+@click.option("-q", "--quiet", is_flag=True)
+def restore(input_path: str, output_path: str, quiet: bool) -> None:
+    """Write fresh era metadata from XML (like era_restore).
+
+    Nothing is written unless the whole input parses and fits.
+
+    \b
+    Example:
+      truncate -s 4M meta.img
+      blockera era restore -i era.xml -o meta.img
+    """
+    from blockera.era.restore import write_image
+    from blockera.era.xml_parse import parse_era_xml
+
+    if not Path(output_path).exists():
+        raise DeviceError(f"{output_path}: output file does not exist (create it first, e.g. "
+                          "truncate -s 4M FILE)")
+    desc = parse_era_xml(input_path)
+    with FileDevice(output_path) as dev:
+        if dev.size_bytes < 4096:
+            raise DeviceError(f"{output_path}: output is smaller than one 4 KiB metadata block")
+        used = write_image(dev, desc)
+    if not quiet:
+        click.echo(f"restored {desc.nr_blocks} blocks, {len(desc.writesets)} writesets, era "
+                   f"{desc.current_era}: {used} metadata blocks used", err=True)
+
+
+@era.command("metadata-size")
+@click.option("--origin-size", required=True, metavar="SIZE",
+              help="Origin size: bytes, or with a unit (s = sectors, K, M, G, T).")
+@click.option("--block-size", required=True, type=int, metavar="SECTORS",
+              help="Era block size in 512-byte sectors (a multiple of 8).")
+@click.option("--checkpoints", default=2, show_default=True, type=click.IntRange(0, 1000),
+              help="Checkpoints that may pile up undigested (recommended size).")
+@click.option("--json", "as_json", is_flag=True)
+def metadata_size_cmd(origin_size: str, block_size: int, checkpoints: int, as_json: bool) -> None:
+    """Exact metadata device size an era target needs.
+
+    \b
+    Example:
+      blockera era metadata-size --origin-size 1T --block-size 4096
+    """
+    from blockera.era.size import describe, metadata_size
+
+    try:
+        origin_bytes = parse_size_bytes(origin_size)
+        size = metadata_size(origin_bytes // SECTOR_BYTES, block_size, checkpoints)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(size.as_dict()))
+    else:
+        click.echo(describe(size, origin_bytes // SECTOR_BYTES, block_size))

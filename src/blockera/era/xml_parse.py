@@ -1,0 +1,468 @@
+"""Parsing era metadata XML (the `era_dump` format) into an `EraDescription`.
+
+Grammar (as thin-provisioning-tools 0.9.0 reads it): one `<superblock uuid block_size nr_blocks
+current_era>` holding any number of `<writeset era nr_bits>` (each holding `<bit block value>`
+elements, value "true" or "false") and one `<era_array>` (holding `<era block era>` elements).
+
+Two parsers produce the same events. The fast one scans the whole buffer with numpy: it finds
+every tag, checks that only whitespace lies between tags, and decodes the tens of millions of
+`<bit .../>` and `<era .../>` lines in the exact layout era_dump writes with vectorised byte
+comparisons; any other tag is parsed one by one. Documents with comments, entities, CDATA or a
+DOCTYPE go to expat instead. Either way every element is checked and errors name the line.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+import xml.parsers.expat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from blockera.errors import XmlInputError
+from blockera.pdata.bitset import words_for_bits
+
+U32_MAX = (1 << 32) - 1
+MAX_ORIGIN_BLOCKS = (1 << 31) - 1
+CHUNK_BYTES = 1 << 26
+
+
+@dataclass
+class WritesetDescription:
+    era: int
+    nr_bits: int
+    words: np.ndarray   # uint64, bits >= nr_bits clear
+
+
+@dataclass
+class EraDescription:
+    """Everything an era metadata image holds, independent of block placement."""
+
+    uuid: str
+    block_size: int
+    nr_blocks: int
+    current_era: int
+    writesets: list[WritesetDescription] = field(default_factory=list)
+    era_array: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint32))
+
+
+class _Builder:
+    """Receives parse events, checks nesting and attribute values, accumulates the image."""
+
+    def __init__(self) -> None:
+        self.result: EraDescription | None = None
+        self.finished = False
+        self.stack: list[str] = []
+        self.ws: WritesetDescription | None = None
+        self.seen_eras: set[int] = set()
+        self.seen_era_array = False
+        self.last_bit = -1
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _int(attrs: dict[str, str], name: str, tag: str, line: int, limit: int = U32_MAX) -> int:
+        if name not in attrs:
+            raise XmlInputError(f"<{tag}> is missing attribute {name!r}", line=line)
+        text = attrs[name].strip()
+        if not text.isdigit():
+            raise XmlInputError(f"<{tag} {name}={text!r}>: not a non-negative integer", line=line)
+        value = int(text)
+        if value > limit:
+            raise XmlInputError(f"<{tag} {name}={text!r}>: larger than {limit}", line=line)
+        return value
+
+    def _context(self, expected: str, tag: str, line: int) -> None:
+        if not self.stack or self.stack[-1] != expected:
+            where = f"inside <{self.stack[-1]}>" if self.stack else "at top level"
+            raise XmlInputError(f"<{tag}> found {where}; it belongs inside <{expected}>",
+                                line=line)
+
+    # -- events ----------------------------------------------------------------------------------
+    def start(self, tag: str, attrs: dict[str, str], line: int) -> None:
+        if self.finished:
+            raise XmlInputError(f"<{tag}> after </superblock>", line=line)
+        if tag == "superblock":
+            if self.stack or self.result is not None:
+                raise XmlInputError("a second <superblock>", line=line)
+            if "uuid" not in attrs:
+                raise XmlInputError("<superblock> is missing attribute 'uuid'", line=line)
+            block_size = self._int(attrs, "block_size", tag, line)
+            nr_blocks = self._int(attrs, "nr_blocks", tag, line, MAX_ORIGIN_BLOCKS)
+            current_era = self._int(attrs, "current_era", tag, line)
+            if block_size == 0 or block_size % 8:
+                raise XmlInputError(f"<superblock block_size=\"{block_size}\">: the era target "
+                                    "needs a block size that is a positive multiple of 8 "
+                                    "sectors", line=line)
+            self.result = EraDescription(attrs["uuid"], block_size, nr_blocks, current_era,
+                                         [], np.zeros(nr_blocks, dtype=np.uint32))
+        elif tag == "writeset":
+            self._context("superblock", tag, line)
+            era = self._int(attrs, "era", tag, line)
+            nr_bits = self._int(attrs, "nr_bits", tag, line, MAX_ORIGIN_BLOCKS)
+            if era in self.seen_eras:
+                raise XmlInputError(f"a second <writeset> for era {era}", line=line)
+            self.seen_eras.add(era)
+            self.ws = WritesetDescription(era, nr_bits,
+                                          np.zeros(words_for_bits(nr_bits), dtype=np.uint64))
+            self.last_bit = -1
+        elif tag == "bit":
+            self._context("writeset", tag, line)
+            block = self._int(attrs, "block", tag, line)
+            value = attrs.get("value")
+            if value not in ("true", "false"):
+                raise XmlInputError(f"<bit value={value!r}>: must be \"true\" or \"false\""
+                                    if value is not None else "<bit> is missing attribute "
+                                    "'value'", line=line)
+            self.bits(np.array([block], dtype=np.uint64), np.array([value == "true"]),
+                      lambda _: line)
+        elif tag == "era_array":
+            self._context("superblock", tag, line)
+            if self.seen_era_array:
+                raise XmlInputError("a second <era_array>", line=line)
+            self.seen_era_array = True
+        elif tag == "era":
+            self._context("era_array", tag, line)
+            block = self._int(attrs, "block", tag, line)
+            era = self._int(attrs, "era", tag, line)
+            self.eras(np.array([block], dtype=np.uint64), np.array([era], dtype=np.uint64),
+                      lambda _: line)
+        else:
+            raise XmlInputError(f"unknown element <{tag}>", line=line)
+        self.stack.append(tag)
+
+    def end(self, tag: str, line: int) -> None:
+        if not self.stack or self.stack[-1] != tag:
+            raise XmlInputError(f"</{tag}> does not close the open element", line=line)
+        self.stack.pop()
+        if tag == "writeset":
+            assert self.result is not None and self.ws is not None
+            self.result.writesets.append(self.ws)
+            self.ws = None
+        elif tag == "superblock":
+            self.finished = True
+
+    def bits(self, blocks: np.ndarray, values: np.ndarray,
+             line_of: Callable[[int], int]) -> None:
+        """Set or clear writeset bits; a bit listed twice keeps its last value."""
+        ws = self.ws
+        assert ws is not None
+        if not len(blocks):
+            return
+        bad = np.flatnonzero(blocks >= ws.nr_bits)
+        if len(bad):
+            i = int(bad[0])
+            raise XmlInputError(f"<bit block=\"{int(blocks[i])}\"> is outside writeset era "
+                                f"{ws.era} of {ws.nr_bits} bits", line=line_of(i))
+        ascending = len(blocks) == 1 or bool(np.all(blocks[1:] > blocks[:-1]))
+        if not (ascending and int(blocks[0]) > self.last_bit):
+            # out of order or repeated: keep the last value given for each block
+            order = np.unique(blocks[::-1], return_index=True)[1]
+            keep = len(blocks) - 1 - order
+            blocks, values = blocks[keep], values[keep]
+            off = blocks[~values]
+            if len(off):
+                np.bitwise_and.at(ws.words, (off >> np.uint64(6)).astype(np.intp),
+                                  ~np.left_shift(np.uint64(1), off & np.uint64(63)))
+        on = blocks[values]
+        if len(on):
+            np.bitwise_or.at(ws.words, (on >> np.uint64(6)).astype(np.intp),
+                             np.left_shift(np.uint64(1), on & np.uint64(63)))
+        self.last_bit = max(self.last_bit, int(blocks.max()))
+
+    def eras(self, blocks: np.ndarray, eras: np.ndarray,
+             line_of: Callable[[int], int]) -> None:
+        result = self.result
+        assert result is not None
+        if not len(blocks):
+            return
+        bad = np.flatnonzero(blocks >= result.nr_blocks)
+        if len(bad):
+            i = int(bad[0])
+            raise XmlInputError(f"<era block=\"{int(blocks[i])}\"> is outside the era array "
+                                f"of {result.nr_blocks} blocks", line=line_of(i))
+        bad = np.flatnonzero(eras > U32_MAX)
+        if len(bad):
+            raise XmlInputError(f"<era era=\"{int(eras[bad[0]])}\"> is larger than "
+                                f"{U32_MAX}", line=line_of(int(bad[0])))
+        result.era_array[blocks.astype(np.intp)] = eras.astype(np.uint32)
+
+    def finish(self) -> EraDescription:
+        if self.result is None:
+            raise XmlInputError("no <superblock> element: is this era_dump output?")
+        if not self.finished:
+            raise XmlInputError(f"the document ends inside <{self.stack[-1]}> (truncated?)")
+        return self.result
+
+
+# -- the general tag parser (also used by the fast path for its odd tags) ------------------------
+_TAG_RE = re.compile(rb"<\s*(/?)\s*([A-Za-z_][\w.:-]*)((?:\s+[^\s=/>]+\s*=\s*(?:\"[^\"]*\"|'[^']*'))*)\s*(/?)\s*>\Z")
+_ATTR_RE = re.compile(rb"([^\s=/>]+)\s*=\s*(?:\"([^\"]*)\"|'([^']*)')")
+
+
+def _parse_tag(text: bytes, line: int) -> tuple[bool, str, dict[str, str], bool]:
+    """(closing, name, attributes, self_closing) of one tag's text."""
+    match = _TAG_RE.match(text)
+    if not match:
+        shown = text[:80].decode("utf-8", "replace")
+        raise XmlInputError(f"malformed tag {shown!r}", line=line)
+    closing, name, attr_text, self_closing = match.groups()
+    attrs: dict[str, str] = {}
+    for attr in _ATTR_RE.finditer(attr_text):
+        key = attr.group(1).decode("utf-8", "replace")
+        value = attr.group(2) if attr.group(2) is not None else attr.group(3)
+        attrs[key] = value.decode("utf-8", "replace")
+    if closing and (attrs or self_closing):
+        raise XmlInputError(f"malformed closing tag </{name.decode()}>", line=line)
+    return bool(closing), name.decode(), attrs, bool(self_closing)
+
+
+# -- the fast path -------------------------------------------------------------------------------
+_MAX_DIGITS = 10
+
+
+class _NotCanonical(Exception):
+    """The buffer uses XML features the fast path leaves to expat."""
+
+
+def _u64_view(c: np.ndarray) -> np.ndarray:
+    """Little-endian u64 loads at every byte offset of `c` (unaligned, read-only)."""
+    if len(c) < 8:
+        return np.zeros(0, dtype="<u8")
+    return np.ndarray((len(c) - 7,), dtype="<u8", buffer=c, strides=(1,))
+
+
+def _match(c64: np.ndarray, positions: np.ndarray, literal: bytes) -> np.ndarray:
+    """Which `positions` start `literal`, comparing 8 bytes per load."""
+    ok = positions + len(literal) <= len(c64) + 7
+    safe = np.where(ok, positions, 0)
+    for off in range(0, len(literal), 8):
+        part = literal[off: off + 8]
+        want = np.uint64(int.from_bytes(part, "little"))
+        word = c64[np.minimum(safe + off, len(c64) - 1)]
+        if len(part) < 8:
+            word = word & np.uint64((1 << (8 * len(part))) - 1)
+        ok &= word == want
+    return ok
+
+
+_ZEROS = np.uint64(0x3030303030303030)
+_HIGH_NIBBLES = np.uint64(0xF0F0F0F0F0F0F0F0)
+_SIX = np.uint64(0x0606060606060606)
+
+
+def _swar8(c64: np.ndarray, end: np.ndarray, ndig: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values and validity of the last min(ndig, 8) characters before `end` as decimal
+    digits, eight at a time in a u64 (SWAR)."""
+    n8 = np.minimum(ndig, 8).astype(np.uint64)
+    word = c64[np.maximum(end - 8, 0)]
+    keep = ~((np.uint64(1) << (np.uint64(8) * (np.uint64(8) - n8))) - np.uint64(1))
+    keep[n8 == 0] = np.uint64(0)
+    word = (word & keep) | (_ZEROS & ~keep)
+    ok = ((word & _HIGH_NIBBLES) == _ZEROS) & (((word + _SIX) & _HIGH_NIBBLES) == _ZEROS)
+    x = word - _ZEROS
+    x = (x * np.uint64(10) + (x >> np.uint64(8))) & np.uint64(0x00FF00FF00FF00FF)
+    x = (x * np.uint64(100) + (x >> np.uint64(16))) & np.uint64(0x0000FFFF0000FFFF)
+    x = (x * np.uint64(10000) + (x >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
+    return x, ok
+
+
+def _decimal(c: np.ndarray, c64: np.ndarray, begin: np.ndarray, end: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(values, ok) of the decimal numbers occupying [begin, end) (1 to 10 digits)."""
+    ndig = end - begin
+    ok = (ndig >= 1) & (ndig <= _MAX_DIGITS) & (begin >= 8)
+    low, low_ok = _swar8(c64, end, np.where(ok, ndig, 0))
+    ok &= low_ok
+    long = np.flatnonzero(ok & (ndig > 8))
+    if len(long):
+        high, high_ok = _swar8(c64, end[long] - 8, ndig[long] - 8)
+        low[long] += high * np.uint64(100_000_000)
+        ok[long] &= high_ok
+    return low, ok
+
+
+def _whitespace(values: np.ndarray) -> np.ndarray:
+    return (values == 32) | (values == 10) | (values == 9) | (values == 13)
+
+
+class _FastScanner:
+    def __init__(self, data: mmap.mmap | bytes, builder: _Builder) -> None:
+        self.data = data
+        self.builder = builder
+        self.lines_before = 0
+
+    def line_of(self, chunk: np.ndarray, offset: int) -> int:
+        return self.lines_before + int(np.count_nonzero(chunk[:offset] == 10)) + 1
+
+    def run(self) -> None:
+        data = self.data
+        size = len(data)
+        start = 0
+        if data[:5] == b"<?xml":
+            end = data.find(b"?>")
+            if end < 0:
+                raise _NotCanonical()
+            start = end + 2
+            self.lines_before = data[:start].count(b"\n")
+        while start < size:
+            stop = data.find(b">", min(size, start + CHUNK_BYTES))
+            stop = size if stop < 0 else stop + 1
+            chunk = np.frombuffer(data, dtype=np.uint8, count=stop - start, offset=start)
+            self.scan_chunk(chunk)
+            self.lines_before += int(np.count_nonzero(chunk == 10))
+            del chunk
+            if isinstance(data, mmap.mmap):
+                data.madvise(mmap.MADV_DONTNEED, start - start % mmap.PAGESIZE,
+                             stop - start + start % mmap.PAGESIZE)
+            start = stop
+
+    def _check_gaps(self, c: np.ndarray, lt: np.ndarray, gt: np.ndarray) -> None:
+        """Only whitespace may lie between tags (and before the first / after the last)."""
+        begins = np.concatenate(([0], gt + 1))
+        ends = np.concatenate((lt, [len(c)]))
+        lengths = ends - begins
+        longest = int(lengths.max()) if len(lengths) else 0
+        bad_at: int | None = None
+        if longest <= 64:
+            for k in range(longest):
+                live = np.flatnonzero(lengths > k)
+                pos = begins[live] + k
+                bad = ~_whitespace(c[pos])
+                if bad.any():
+                    bad_at = int(pos[np.argmax(bad)])
+                    break
+        else:
+            delta = np.zeros(len(c) + 1, dtype=np.int8)
+            delta[lt] = 1
+            delta[gt + 1] -= 1
+            outside = np.cumsum(delta[:-1], dtype=np.int8) == 0
+            bad = outside & ~_whitespace(c)
+            if bad.any():
+                bad_at = int(np.argmax(bad))
+        if bad_at is not None:
+            raise XmlInputError("text outside elements (only whitespace may appear between "
+                                "tags)", line=self.line_of(c, bad_at))
+
+    def scan_chunk(self, c: np.ndarray) -> None:
+        lt = np.flatnonzero(c == 60)
+        gt = np.flatnonzero(c == 62)
+        if len(lt) != len(gt) or (len(lt) and (np.any(gt < lt) or np.any(lt[1:] < gt[:-1]))):
+            raise _NotCanonical()
+        self._check_gaps(c, lt, gt)
+        if not len(lt):
+            return
+        if np.any(np.isin(c[lt + 1], (33, 63))) or bool((c == 38).any()):
+            raise _NotCanonical()   # comments, DOCTYPE, CDATA, processing instructions, entities
+        c64 = _u64_view(c)
+        quotes = np.flatnonzero(c == 34)
+        first_q = np.searchsorted(quotes, lt)
+        nr_q = np.searchsorted(quotes, gt) - first_q
+        cand = np.flatnonzero((nr_q == 4) & (c[gt - 1] == 47) & (gt - lt > 12))
+        qidx = first_q[cand]
+        q1, q2, q3, q4 = (quotes[np.minimum(qidx + j, len(quotes) - 1)] for j in range(4))
+        start, close = lt[cand], gt[cand]
+        common = (q1 == start + 11) & (close == q4 + 2)
+        number1, ok1 = _decimal(c, c64, q1 + 1, q2)
+        # <bit block="N" value="true|false"/>
+        bit_ok = common & ok1 & _match(c64, start, b"<bit block=") & (q3 == q2 + 8) \
+            & _match(c64, q2, b'" value="')
+        is_true = (q4 == q3 + 5) & _match(c64, q3 + 1, b"true")
+        is_false = (q4 == q3 + 6) & _match(c64, q3 + 1, b"false")
+        bit_ok &= is_true | is_false
+        # <era block="N" era="M"/>
+        number2, ok2 = _decimal(c, c64, q3 + 1, q4)
+        era_ok = common & ok1 & ok2 & _match(c64, start, b"<era block=") & (q3 == q2 + 6) \
+            & _match(c64, q2, b'" era="')
+        bit_idx = cand[bit_ok]
+        bit_blocks = number1[bit_ok]
+        bit_values = is_true[bit_ok]
+        era_idx = cand[era_ok]
+        era_blocks = number1[era_ok]
+        era_values = number2[era_ok]
+        kind = np.full(len(lt), 2, dtype=np.int8)      # 0 bit, 1 era, 2 other
+        kind[bit_idx] = 0
+        kind[era_idx] = 1
+        others = np.flatnonzero(kind == 2).tolist()
+        boundaries = others + [len(lt)]
+        prev = 0
+        b = self.builder
+        for tag_index in boundaries:
+            # bulk tags between the previous odd tag and this one
+            lo_b, hi_b = np.searchsorted(bit_idx, [prev, tag_index])
+            if hi_b > lo_b:
+                first = int(bit_idx[lo_b])
+                b._context("writeset", "bit", self.line_of(c, int(lt[first])))
+                b.bits(bit_blocks[lo_b:hi_b], bit_values[lo_b:hi_b],
+                       lambda i, lo=lo_b: self.line_of(c, int(lt[bit_idx[lo + i]])))
+            lo_e, hi_e = np.searchsorted(era_idx, [prev, tag_index])
+            if hi_e > lo_e:
+                first = int(era_idx[lo_e])
+                b._context("era_array", "era", self.line_of(c, int(lt[first])))
+                b.eras(era_blocks[lo_e:hi_e], era_values[lo_e:hi_e],
+                       lambda i, lo=lo_e: self.line_of(c, int(lt[era_idx[lo + i]])))
+            if tag_index == len(lt):
+                break
+            text = c[lt[tag_index]: gt[tag_index] + 1].tobytes()
+            line = self.line_of(c, int(lt[tag_index]))
+            if text.startswith(b"<?") or text.startswith(b"<!"):
+                raise _NotCanonical()
+            closing, name, attrs, self_closing = _parse_tag(text, line)
+            if closing:
+                b.end(name, line)
+            else:
+                b.start(name, attrs, line)
+                if self_closing:
+                    b.end(name, line)
+            prev = tag_index + 1
+
+
+def _parse_with_expat(data: bytes | mmap.mmap) -> EraDescription:
+    builder = _Builder()
+    parser = xml.parsers.expat.ParserCreate()
+    parser.buffer_text = True
+
+    def start(name: str, attrs: dict[str, str]) -> None:
+        builder.start(name, attrs, parser.CurrentLineNumber)
+
+    def end(name: str) -> None:
+        builder.end(name, parser.CurrentLineNumber)
+
+    def text(content: str) -> None:
+        if content.strip():
+            raise XmlInputError("text outside elements (only whitespace may appear between "
+                                "tags)", line=parser.CurrentLineNumber)
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = text
+    try:
+        parser.Parse(bytes(data), True)
+    except xml.parsers.expat.ExpatError as exc:
+        raise XmlInputError(f"not well-formed XML: {xml.parsers.expat.ErrorString(exc.code)}",
+                            line=exc.lineno) from None
+    return builder.finish()
+
+
+def parse_era_xml(path: str | Path) -> EraDescription:
+    """Parse an era metadata XML file."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size == 0:
+                raise XmlInputError(f"{path}: the input file is empty")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return parse_era_xml_bytes(data)
+    except OSError as exc:
+        raise XmlInputError(f"{path}: cannot read input: {exc.strerror}") from None
+
+
+def parse_era_xml_bytes(data: bytes | mmap.mmap) -> EraDescription:
+    builder = _Builder()
+    try:
+        _FastScanner(data, builder).run()
+    except _NotCanonical:
+        return _parse_with_expat(data)
+    return builder.finish()
