@@ -24,6 +24,7 @@ from blockera.era.superblock import SUPERBLOCK, SUPERBLOCK_LOCATION, Superblock
 from blockera.pdata.array import ARRAY_HEADER_BYTES, array_block_header, array_max_entries
 from blockera.pdata.bitset import words_for_bits
 from blockera.pdata.block_manager import BlockManager
+from blockera.pdata.reader import shrink_leftover
 from blockera.pdata.btree import INTERNAL_NODE, LEAF_NODE, MAX_DEPTH, NODE_HEADER_BYTES, Node
 from blockera.pdata.checksum import ARRAY_BLOCK, BITMAP_BLOCK, BTREE_NODE, INDEX_BLOCK
 from blockera.pdata.space_map import (ENTRIES_PER_BITMAP, MAX_METADATA_BLOCKS, SpaceMapRoot,
@@ -92,7 +93,8 @@ class EraChecker:
             return None
         problems = []
         if sb.flags & ~KNOWN_FLAGS:
-            problems.append(f"unknown flags {sb.flags:#x}")
+            # the kernel ignores the flags word and writes 0 at its next commit
+            self.report.warnings.append(f"superblock has unknown flags {sb.flags:#x}")
         if sb.metadata_block_size != METADATA_BLOCK_SECTORS:
             problems.append(f"metadata block size is {sb.metadata_block_size} sectors, not 8")
         if not sb.writeset_tree_root:
@@ -212,6 +214,14 @@ class EraChecker:
         for new, keys, values in leaves:
             for key, loc in zip(keys.tolist(), values.view("<u8").reshape(-1).tolist()):
                 found[key] = (loc, new)
+        if shrink_leftover(np.array(sorted(found), dtype=np.uint64), length, max_entries):
+            loc, new = found.pop(nr_array_blocks)
+            if new and 0 <= loc < self.bm.nr_blocks:
+                self.refs[loc] += 1
+            self.report.warnings.append(
+                f"{what}: one array block past the end of the array (left by the kernel when "
+                f"an array shrinks to a multiple of {max_entries} entries; 0.9.0 tools reject "
+                "this; it goes away when the array grows again)")
         missing = [i for i in range(nr_array_blocks) if i not in found]
         extra = [k for k in found if k >= nr_array_blocks]
         if missing or extra:
@@ -268,8 +278,9 @@ class EraChecker:
                 continue   # a leaf shared with the other superblock: its writesets are counted
             for era, raw in zip(keys.tolist(), values):
                 nr_bits, bitset_root = struct.unpack("<IQ", raw.tobytes())
+                prefix = "snapshot " if what.startswith("snapshot") else ""
                 self._array(bitset_root, words_for_bits(nr_bits), "<u8",
-                            f"writeset of era {era}")
+                            f"{prefix}writeset of era {era}")
 
     # -- the whole check ---------------------------------------------------------------------------
     def run(self, superblock_only: bool = False) -> CheckReport:

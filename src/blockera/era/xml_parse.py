@@ -293,9 +293,10 @@ class _FastScanner:
         self.data = data
         self.builder = builder
         self.lines_before = 0
+        self.newlines = np.zeros(0, dtype=np.intp)
 
     def line_of(self, chunk: np.ndarray, offset: int) -> int:
-        return self.lines_before + int(np.count_nonzero(chunk[:offset] == 10)) + 1
+        return self.lines_before + int(np.searchsorted(self.newlines, offset)) + 1
 
     def run(self) -> None:
         data = self.data
@@ -311,8 +312,9 @@ class _FastScanner:
             stop = data.find(b">", min(size, start + CHUNK_BYTES))
             stop = size if stop < 0 else stop + 1
             chunk = np.frombuffer(data, dtype=np.uint8, count=stop - start, offset=start)
+            self.newlines = np.flatnonzero(chunk == 10)
             self.scan_chunk(chunk)
-            self.lines_before += int(np.count_nonzero(chunk == 10))
+            self.lines_before += len(self.newlines)
             del chunk
             if isinstance(data, mmap.mmap):
                 data.madvise(mmap.MADV_DONTNEED, start - start % mmap.PAGESIZE,
@@ -386,6 +388,8 @@ class _FastScanner:
         kind[bit_idx] = 0
         kind[era_idx] = 1
         others = np.flatnonzero(kind == 2).tolist()
+        if len(others) > 1000 and len(others) * 10 > len(lt):
+            raise _NotCanonical()   # mostly hand-formatted: expat is faster tag by tag
         boundaries = others + [len(lt)]
         prev = 0
         b = self.builder
@@ -450,13 +454,18 @@ def parse_era_xml(path: str | Path) -> EraDescription:
     """Parse an era metadata XML file."""
     try:
         with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            if size == 0:
+            if f.seek(0, 2) == 0:
                 raise XmlInputError(f"{path}: the input file is empty")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                return parse_era_xml_bytes(data)
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as exc:
         raise XmlInputError(f"{path}: cannot read input: {exc.strerror}") from None
+    try:
+        return parse_era_xml_bytes(data)
+    finally:
+        try:
+            data.close()
+        except BufferError:
+            pass   # an error's traceback still holds views of the buffer; it is freed with them
 
 
 def parse_era_xml_bytes(data: bytes | mmap.mmap) -> EraDescription:

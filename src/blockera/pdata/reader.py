@@ -112,6 +112,8 @@ def read_array(bm: BlockManager, root: int, length: int, dtype: str, what: str,
     nr_array_blocks = -(-length // max_entries)
     keys = leaves.keys
     locations = leaves.values.view("<u8").reshape(-1) if len(keys) else np.zeros(0, np.uint64)
+    if shrink_leftover(keys, length, max_entries):
+        keys, locations = keys[:-1], locations[:-1]
     expected = np.arange(nr_array_blocks, dtype=np.uint64)
     if len(keys) != nr_array_blocks or not np.array_equal(keys, expected):
         missing = np.setdiff1d(expected, keys)
@@ -148,6 +150,15 @@ def read_array(bm: BlockManager, root: int, length: int, dtype: str, what: str,
     else:
         values = np.zeros(0, dtype=dtype)
     return ArrayContents(values, locations, leaves.nodes)
+
+
+def shrink_leftover(keys: np.ndarray, length: int, max_entries: int) -> bool:
+    """True if the index holds exactly one block past the array's end, left there by the
+    kernel's dm_array_resize: shrinking to a multiple of the per-block count drops only whole
+    blocks, never the old partial tail block. Its entries lie beyond the array and are ignored."""
+    k = -(-length // max_entries)
+    return (length % max_entries == 0 and len(keys) == k + 1
+            and bool(np.array_equal(keys, np.arange(k + 1, dtype=np.uint64))))
 
 
 def _check_array_blocks(blocks: np.ndarray, locations: np.ndarray, max_entries: int,
