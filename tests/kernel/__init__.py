@@ -1,0 +1,1 @@
+"""Tests against the real Linux device-mapper, run inside a qemu guest."""
