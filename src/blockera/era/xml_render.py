@@ -41,6 +41,31 @@ def _digits_needed(max_value: int) -> int:
     return max(1, len(str(max_value)))
 
 
+_POW10 = np.array([10 ** k for k in range(1, 20)], dtype=np.uint64)
+
+
+def _fill_number(grid: np.ndarray, col: int, width: int, values: np.ndarray,
+                 show: np.ndarray | None) -> None:
+    """Right-align the decimal digits of `values` in columns [col, col + width); digits before
+    a number's first digit (and whole rows where `show` is False) stay NUL. Digits are built
+    one contiguous row per position (two per division) and transposed into place once."""
+    ndigits = np.searchsorted(_POW10, values.astype(np.uint64), side="right") + 1
+    if show is not None:
+        ndigits = np.where(show, ndigits, 0)
+    x = values.astype(np.uint32 if width <= 9 else np.uint64)
+    ten, hundred = x.dtype.type(10), x.dtype.type(100)
+    digits = np.empty((width, len(x)), dtype=np.uint8)
+    for k in range(0, width, 2):
+        pair = x % hundred
+        x //= hundred
+        np.multiply((pair % ten).astype(np.uint8) + np.uint8(48), ndigits > k,
+                    out=digits[width - 1 - k])
+        if k + 1 < width:
+            np.multiply((pair // ten).astype(np.uint8) + np.uint8(48), ndigits > k + 1,
+                        out=digits[width - 2 - k])
+    grid[:, col: col + width] = digits.T
+
+
 def _render_batch(parts: Sequence[Part], start: int, stop: int) -> bytes:
     n = stop - start
     widths: list[int] = []
@@ -58,16 +83,8 @@ def _render_batch(parts: Sequence[Part], start: int, stop: int) -> bytes:
         if isinstance(part, bytes):
             grid[:, col: col + width] = np.frombuffer(part, dtype=np.uint8)
         elif isinstance(part, Num):
-            x = part.values[start:stop].astype(np.uint64)
-            show = None if part.show is None else part.show[start:stop]
-            for k in range(width):
-                digit = (x % np.uint64(10)).astype(np.uint8) + np.uint8(48)
-                if k:
-                    digit[x == 0] = _PAD
-                if show is not None:
-                    digit[~show] = _PAD
-                grid[:, col + width - 1 - k] = digit
-                x //= np.uint64(10)
+            _fill_number(grid, col, width, part.values[start:stop],
+                         None if part.show is None else part.show[start:stop])
         else:
             table = np.zeros((len(part.options), width), dtype=np.uint8)
             for i, option in enumerate(part.options):
