@@ -27,9 +27,13 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from blockera.cli.daemon import daemon
+    from blockera.cli.dd import dd
+    from blockera.cli.dmsetup import dmsetup
     from blockera.cli.era import era
 
-    cli.add_command(era)
+    for command in (era, dmsetup, daemon, dd):
+        cli.add_command(command)
 
 
 _register()

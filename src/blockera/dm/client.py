@@ -1,0 +1,117 @@
+"""A client of the engine daemon with the same operations as `Engine`, plus device I/O."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+from blockera.dm.protocol import MAX_IO_BYTES, Reader, default_socket_path, raise_reply, send_message
+from blockera.errors import DeviceError
+
+
+class EngineClient:
+    def __init__(self, socket_path: str | Path | None = None, timeout_s: float | None = None) -> None:
+        self.socket_path = Path(socket_path) if socket_path else default_socket_path()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if timeout_s is not None:
+            self.sock.settimeout(timeout_s)
+        try:
+            self.sock.connect(str(self.socket_path))
+        except OSError as exc:
+            self.sock.close()
+            raise DeviceError(f"cannot reach the engine daemon at {self.socket_path}: "
+                              f"{exc.strerror or exc}; start it with 'blockera daemon' or point "
+                              "--socket / BLOCKERA_SOCKET at it") from None
+        self.reader = Reader(self.sock)
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "EngineClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, op: str, payload: bytes | memoryview = b"", **args: object) -> tuple[object, bytes]:
+        with self.lock:
+            try:
+                send_message(self.sock, {"op": op, **args}, payload)
+                reply = self.reader.message()
+            except OSError as exc:
+                raise DeviceError(f"lost the connection to the engine daemon: {exc}") from None
+            if reply is None:
+                raise DeviceError("the engine daemon closed the connection")
+            if not reply.get("ok"):
+                raise_reply(reply)
+            data = b""
+            if op == "read":
+                data = self.reader.payload(int(reply["result"]))
+            return reply.get("result"), data
+
+    # -- control (same signatures as Engine) ---------------------------------------------------
+    def create(self, name: str, table: str | None = None, *, uuid: str = "",
+               read_only: bool = False) -> None:
+        self.call("create", name=name, table=table, uuid=uuid, read_only=read_only)
+
+    def load(self, name: str, table: str) -> None:
+        self.call("load", name=name, table=table)
+
+    def clear(self, name: str) -> None:
+        self.call("clear", name=name)
+
+    def suspend(self, name: str) -> None:
+        self.call("suspend", name=name)
+
+    def resume(self, name: str) -> None:
+        self.call("resume", name=name)
+
+    def remove(self, name: str) -> None:
+        self.call("remove", name=name)
+
+    def rename(self, name: str, new_name: str) -> None:
+        self.call("rename", name=name, new_name=new_name)
+
+    def message(self, name: str, sector: int, args: list[str]) -> str:
+        return str(self.call("message", name=name, sector=sector, args=args)[0] or "")
+
+    def status(self, name: str | None = None) -> str:
+        return str(self.call("status", name=name)[0])
+
+    def table(self, name: str | None = None) -> str:
+        return str(self.call("table", name=name)[0])
+
+    def info(self, name: str | None = None) -> str:
+        return str(self.call("info", name=name)[0])
+
+    def ls(self) -> str:
+        return str(self.call("ls")[0])
+
+    # -- I/O ---------------------------------------------------------------------------------------
+    def size_bytes(self, name: str) -> int:
+        return int(self.call("size", name=name)[0])  # type: ignore[arg-type]
+
+    def read(self, name: str, offset_bytes: int, length_bytes: int) -> bytes:
+        out = bytearray()
+        while length_bytes:
+            n = min(length_bytes, MAX_IO_BYTES)
+            out += self.call("read", name=name, offset=offset_bytes, length=n)[1]
+            offset_bytes += n
+            length_bytes -= n
+        return bytes(out)
+
+    def write(self, name: str, offset_bytes: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while len(view):
+            n = min(len(view), MAX_IO_BYTES)
+            self.call("write", view[:n], name=name, offset=offset_bytes, length=n)
+            offset_bytes += n
+            view = view[n:]
+
+    def flush(self, name: str) -> None:
+        self.call("flush", name=name)
+
+    def discard(self, name: str, offset_bytes: int, length_bytes: int) -> None:
+        self.call("discard", name=name, offset=offset_bytes, length=length_bytes)

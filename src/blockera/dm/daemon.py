@@ -1,0 +1,195 @@
+"""The engine daemon: one `Engine` served on a unix socket (see `blockera.dm.protocol`).
+
+The state directory holds the socket and `daemon.pid`. On SIGTERM or SIGINT the daemon shuts
+down cleanly: it stops accepting requests, suspends every device (users before what they use)
+so that targets commit their metadata, removes them and deletes the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import socketserver
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from blockera.dm.engine import Engine
+from blockera.dm.protocol import MAX_IO_BYTES, Reader, error_reply, send_message
+from blockera.errors import BlockeraError, DeviceError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+def _str(req: dict, key: str, default: str | None = None) -> str:
+    value = req.get(key, default)
+    if not isinstance(value, str):
+        raise UsageError(f"request needs a string {key!r}")
+    return value
+
+
+def _int(req: dict, key: str) -> int:
+    value = req.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UsageError(f"request needs a non-negative integer {key!r}")
+    return value
+
+
+class EngineService:
+    """Executes protocol requests against an engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def handle(self, req: dict, reader: Reader) -> tuple[dict, bytes]:
+        op = req.get("op")
+        e = self.engine
+        name = req.get("name")
+        simple: dict[str, Callable[[], Any]] = {
+            "ping": lambda: "pong",
+            "create": lambda: e.create(_str(req, "name"), req.get("table"),
+                                       uuid=_str(req, "uuid", ""),
+                                       read_only=bool(req.get("read_only"))) and None,
+            "load": lambda: e.load(_str(req, "name"), _str(req, "table")),
+            "clear": lambda: e.clear(_str(req, "name")),
+            "suspend": lambda: e.suspend(_str(req, "name")),
+            "resume": lambda: e.resume(_str(req, "name")),
+            "remove": lambda: e.remove(_str(req, "name")),
+            "rename": lambda: e.rename(_str(req, "name"), _str(req, "new_name")),
+            "message": lambda: e.message(_str(req, "name"), _int(req, "sector"),
+                                         [str(a) for a in req.get("args", [])]),
+            "status": lambda: e.status(name),
+            "table": lambda: e.table(name),
+            "info": lambda: e.info(name),
+            "ls": lambda: e.ls(),
+            "size": lambda: e.device(_str(req, "name")).size_bytes,
+            "flush": lambda: e.device(_str(req, "name")).flush(),
+            "discard": lambda: e.device(_str(req, "name")).discard(_int(req, "offset"),
+                                                                   _int(req, "length")),
+            "write_zeroes": lambda: e.device(_str(req, "name")).write_zeroes(
+                _int(req, "offset"), _int(req, "length")),
+        }
+        if op in simple:
+            return {"ok": True, "result": simple[op]()}, b""
+        if op == "read":
+            length = _int(req, "length")
+            if length > MAX_IO_BYTES:
+                raise UsageError(f"read of {length} bytes is larger than {MAX_IO_BYTES}")
+            data = e.device(_str(req, "name")).read(_int(req, "offset"), length)
+            return {"ok": True, "result": len(data)}, data
+        if op == "write":
+            length = _int(req, "length")
+            if length > MAX_IO_BYTES:
+                raise UsageError(f"write of {length} bytes is larger than {MAX_IO_BYTES}")
+            data = reader.payload(length)
+            e.device(_str(req, "name")).write(_int(req, "offset"), data)
+            return {"ok": True, "result": length}, b""
+        raise UsageError(f"unknown request {op!r}")
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: "_Server"
+
+    def handle(self) -> None:
+        reader = Reader(self.request)
+        while True:
+            try:
+                req = reader.message()
+            except UsageError as exc:
+                send_message(self.request, error_reply(exc))
+                return
+            except OSError:
+                return
+            if req is None:
+                return
+            try:
+                reply, payload = self.server.service.handle(req, reader)
+            except BlockeraError as exc:
+                reply, payload = error_reply(exc), b""
+            except Exception as exc:  # a bug: report it, keep serving
+                log.exception("request %r failed", req.get("op"))
+                reply, payload = error_reply(exc), b""
+            try:
+                send_message(self.request, reply, payload)
+            except OSError:
+                return
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, path: str, service: EngineService) -> None:
+        self.service = service
+        super().__init__(path, _Handler)
+
+
+class Daemon:
+    """Serve `engine` on `socket_path` until `stop()` (or a signal when `run()` is used)."""
+
+    def __init__(self, engine: Engine, socket_path: Path, state_dir: Path | None = None) -> None:
+        self.engine = engine
+        self.socket_path = Path(socket_path)
+        self.state_dir = Path(state_dir) if state_dir else self.socket_path.parent
+        self._stopped = threading.Event()
+        self.server: _Server | None = None
+        self.extra_shutdown: list[Callable[[], None]] = []
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.socket_path.exists():
+            if _socket_alive(self.socket_path):
+                raise DeviceError(f"{self.socket_path}: another engine daemon is already "
+                                  "listening there")
+            self.socket_path.unlink()
+        self.server = _Server(str(self.socket_path), EngineService(self.engine))
+        os.chmod(self.socket_path, 0o600)
+        (self.state_dir / "daemon.pid").write_text(f"{os.getpid()}\n")
+        threading.Thread(target=self.server.serve_forever, name="engine-control",
+                         daemon=True).start()
+        log.info("engine daemon listening on %s", self.socket_path)
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        for action in self.extra_shutdown:
+            action()
+        self.engine.shutdown()
+        for path in (self.socket_path, self.state_dir / "daemon.pid"):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        log.info("engine daemon stopped; devices suspended and removed")
+
+    def run(self) -> None:
+        """Start, then serve until SIGTERM or SIGINT; shut down cleanly."""
+        wake = threading.Event()
+
+        def on_signal(signum: int, frame: object) -> None:
+            wake.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        while not wake.wait(1.0):
+            pass
+        self.stop()
+
+
+def _socket_alive(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()

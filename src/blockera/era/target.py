@@ -1,0 +1,355 @@
+"""The `era` target (specs/era-metadata.md §11; the kernel's dm-era-target.c, version 1.0.0).
+
+`era <metadata dev> <origin dev> <block size>`: a linear mapping onto the origin that records,
+per block of `block size` sectors, the era in which it was last written.
+
+As in the kernel, one worker thread owns the metadata. Each pass of it: starts digestion if a
+writeset was archived, runs one digestion step (100 bits), processes the writes waiting for their
+first mark in this era, then the queued calls (messages, status, archive, rollover).
+A write to a block already marked in this era goes straight to the origin. Any other write waits
+for the worker: it sets the bits of a whole batch of such writes, commits the metadata once, and
+only then lets the writes reach the origin, so a crash can never lose the record of an
+acknowledged write. If the commit fails (metadata device full), the batch fails and the
+transaction is rolled back: nothing already tracked is lost.
+
+Differences from the kernel, on purpose:
+* A discard marks every block it covers (6.1 marks only the first, which would let a backup
+  miss the others).
+* `dmsetup status` and messages on a suspended era device fail at once with a clear error; the
+  kernel's worker is stopped then and the caller hangs until a resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from blockera.dm.devref import Opener
+from blockera.dm.target import Target, register
+from blockera.era.metadata import Digest, EraMetadata, Stats
+from blockera.errors import (BlockeraError, DeviceError, MetadataError, NoSpaceError,
+                             TableError, TargetError)
+from blockera.units import METADATA_BLOCK_SECTORS, SECTOR_BYTES, div_up
+
+log = logging.getLogger(__name__)
+_UINT_RE = re.compile(r"^\s*\+?\d+$")
+
+
+@dataclass
+class _Mark:
+    """A write waiting for its block to be marked (the kernel's deferred bio)."""
+
+    block: int
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BlockeraError | None = None
+
+
+@dataclass
+class _Call:
+    """A function to run on the worker (the kernel's rpc)."""
+
+    fn: Callable[[EraMetadata], object]
+    result: object = None
+    error: BlockeraError | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class _Worker:
+    def __init__(self, target: "EraTarget") -> None:
+        self.target = target
+        self.cv = threading.Condition()
+        self.marks: list[_Mark] = []
+        self.calls: list[_Call] = []
+        self.suspended = False
+        self.requeue = False
+        self.busy = False
+        self.exiting = False
+        self.digest = Digest()
+        self.thread = threading.Thread(target=self._run, name="era-worker", daemon=True)
+        self.thread.start()
+
+    # -- scheduling -------------------------------------------------------------------------------
+    def _has_work(self) -> bool:
+        return bool(self.marks or self.calls or self.requeue)
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.exiting and (self.suspended or not self._has_work()):
+                    self.cv.wait()
+                if self.exiting:
+                    return
+                self.busy = True
+                self.requeue = False
+            try:
+                with self.target.md_lock:
+                    self._do_work()
+            except Exception:   # a bug must not kill the thread silently with callers waiting
+                log.exception("era worker pass failed")
+            finally:
+                with self.cv:
+                    self.busy = False
+                    self.cv.notify_all()
+
+    def submit_marks(self, marks: list[_Mark]) -> None:
+        with self.cv:
+            self.marks.extend(marks)
+            self.cv.notify_all()
+
+    def call(self, fn: Callable[[EraMetadata], object]) -> object:
+        call = _Call(fn)
+        with self.cv:
+            if self.suspended:
+                raise TargetError("era: the device is suspended and its worker is stopped; "
+                                  "status and messages need a resume first (the kernel would "
+                                  "hang here)", errno_name="EBUSY")
+            self.calls.append(call)
+            self.cv.notify_all()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def start(self) -> None:
+        with self.cv:
+            self.suspended = False
+            self.cv.notify_all()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.suspended = True
+            while self.busy:
+                self.cv.wait()
+
+    def exit(self) -> None:
+        with self.cv:
+            self.exiting = True
+            self.cv.notify_all()
+        self.thread.join()
+
+    # -- one pass (the kernel's do_work) -----------------------------------------------------------
+    def _do_work(self) -> None:
+        md = self.target.md
+        if md.archived_writesets:
+            md.archived_writesets = False
+            md.digest_start(self.digest)
+        self._digest_step(md)
+        self._process_marks(md)
+        self._process_calls(md)
+
+    def _digest_step(self, md: EraMetadata) -> None:
+        if self.digest.step is None:
+            return
+        try:
+            md.digest_step(self.digest)
+        except BlockeraError as exc:
+            log.error("era: digest step failed, stopping digestion: %s", exc)
+            self.digest.step = None
+            return
+        if self.digest.step is not None:
+            with self.cv:
+                self.requeue = True
+
+    def _rollback(self, md: EraMetadata) -> None:
+        md.abort()
+        self.digest = Digest()
+
+    def _process_marks(self, md: EraMetadata) -> None:
+        with self.cv:
+            batch, self.marks = self.marks, []
+        if not batch:
+            return
+        ws = md.current_writeset
+        commit_needed = False
+        error: BlockeraError | None = None
+        for mark in batch:
+            try:
+                if not md.writeset_test_and_set(mark.block):
+                    commit_needed = True
+            except BlockeraError as exc:
+                error = exc
+                break
+        if commit_needed and error is None:
+            try:
+                md.commit()
+            except BlockeraError as exc:
+                error = exc
+        if error is not None:
+            self._rollback(md)
+            failure = _write_failure(error)
+            for mark in batch:
+                mark.error = failure
+        elif commit_needed:
+            for mark in batch:
+                ws.mark(mark.block)
+        for mark in batch:
+            mark.done.set()
+
+    def _process_calls(self, md: EraMetadata) -> None:
+        with self.cv:
+            calls, self.calls = self.calls, []
+        if not calls:
+            return
+        rolled_back = False
+        for call in calls:
+            try:
+                call.result = call.fn(md)
+            except TargetError as exc:    # refused before changing anything
+                call.error = exc
+            except BlockeraError as exc:  # failed part-way: drop the partial transaction
+                call.error = exc
+                self._rollback(md)
+                rolled_back = True
+        if not rolled_back:
+            try:
+                md.commit()
+            except BlockeraError as exc:
+                self._rollback(md)
+                for call in calls:
+                    call.error = call.error or exc
+        for call in calls:
+            call.done.set()
+
+
+def _write_failure(error: BlockeraError) -> BlockeraError:
+    if isinstance(error, NoSpaceError):
+        return NoSpaceError(f"era: cannot record the write: {error}")
+    return DeviceError(f"era: cannot record the write: {error}")
+
+
+@register
+class EraTarget(Target):
+    name = "era"
+    version = (1, 0, 0)
+    supports_discard = True
+
+    def __init__(self, opener: Opener, length_sectors: int, args: list[str]) -> None:
+        super().__init__(opener, length_sectors, args)
+        if len(args) != 3:
+            raise TableError("Invalid argument count")
+        try:
+            self.metadata = self.get_device(args[0], writable=True, what="metadata device")
+        except DeviceError as exc:
+            raise TableError(f"Error opening metadata device ({exc})") from None
+        try:
+            self.origin = self.get_device(args[1], writable=True, what="data device")
+        except DeviceError as exc:
+            raise TableError(f"Error opening data device ({exc})") from None
+        if not _UINT_RE.match(args[2]) or int(args[2]) >= 1 << 32:
+            raise TableError("Error parsing block size")
+        self.block_sectors = int(args[2])
+        if self.block_sectors == 0 or self.block_sectors % 8:
+            raise TableError("Invalid block size")
+        try:
+            self.md = EraMetadata(self.metadata.dev, self.block_sectors, may_format=True)
+        except (MetadataError, DeviceError) as exc:
+            raise TableError(f"Error reading metadata ({exc})") from None
+        self.nr_blocks = 0
+        self.md_lock = threading.RLock()
+        self.worker = _Worker(self)
+
+    # -- I/O --------------------------------------------------------------------------------------
+    def _blocks(self, sector: int, nr_sectors: int) -> range:
+        return range(sector // self.block_sectors, div_up(sector + nr_sectors, self.block_sectors))
+
+    def _mark(self, blocks: range | list[int]) -> None:
+        """Make sure every block is marked in this era before returning."""
+        md = self.md
+        marks = [_Mark(b) for b in blocks if not md.current_marked(b)]
+        if not marks:
+            return
+        self.worker.submit_marks(marks)
+        for mark in marks:
+            mark.done.wait()
+        for mark in marks:
+            if mark.error is not None:
+                raise mark.error
+
+    def read(self, sector: int, nr_sectors: int) -> bytes:
+        return self.origin.dev.read(sector * SECTOR_BYTES, nr_sectors * SECTOR_BYTES)
+
+    def write(self, sector: int, data: bytes | memoryview) -> None:
+        self._mark(self._blocks(sector, len(data) // SECTOR_BYTES))
+        self.origin.dev.write(sector * SECTOR_BYTES, data)
+
+    def discard(self, sector: int, nr_sectors: int) -> None:
+        self._mark(self._blocks(sector, nr_sectors))
+        self.origin.dev.discard(sector * SECTOR_BYTES, nr_sectors * SECTOR_BYTES)
+
+    def write_zeroes(self, sector: int, nr_sectors: int) -> None:
+        self._mark(self._blocks(sector, nr_sectors))
+        self.origin.dev.write_zeroes(sector * SECTOR_BYTES, nr_sectors * SECTOR_BYTES)
+
+    def flush(self) -> None:
+        self.origin.dev.flush()
+
+    # -- life cycle ---------------------------------------------------------------------------------
+    def postsuspend(self) -> None:
+        try:
+            self.worker.call(_archive)
+        except BlockeraError as exc:
+            log.error("era: couldn't archive current era: %s", exc)
+        self.worker.stop()
+        with self.md_lock:
+            try:
+                self.md.commit()
+            except BlockeraError as exc:
+                log.error("era: metadata_commit failed: %s", exc)
+
+    def preresume(self) -> None:
+        new_size = div_up(self.length_sectors, self.block_sectors)
+        if self.nr_blocks != new_size:
+            with self.md_lock:
+                try:
+                    self.md.resize(new_size)
+                    self.md.commit()
+                except BlockeraError as exc:
+                    self.md.abort()
+                    raise TargetError(f"era: metadata_resize failed: {exc}",
+                                      errno_name=exc.errno_name) from None
+            self.nr_blocks = new_size
+        self.worker.start()
+        try:
+            self.worker.call(lambda md: md.era_rollover())
+        except BlockeraError as exc:
+            raise TargetError(f"era: metadata_era_rollover failed: {exc}",
+                              errno_name=exc.errno_name) from None
+
+    def destroy(self) -> None:
+        if hasattr(self, "worker"):
+            self.worker.exit()
+        super().destroy()
+
+    # -- reporting ----------------------------------------------------------------------------------
+    def status(self) -> str:
+        stats = self.worker.call(lambda md: md.stats())
+        assert isinstance(stats, Stats)
+        snap = str(stats.snap) if stats.snap else "-"
+        return f"{METADATA_BLOCK_SECTORS} {stats.used}/{stats.total} {stats.era} {snap}"
+
+    def table_args(self) -> str:
+        return f"{self.metadata.table_name} {self.origin.table_name} {self.block_sectors}"
+
+    def message(self, args: list[str]) -> str | None:
+        if len(args) != 1:
+            raise TargetError("incorrect number of message arguments")
+        operation = _MESSAGES.get(args[0].lower())
+        if operation is None:
+            raise TargetError(f"unsupported message '{args[0]}'")
+        self.worker.call(operation)
+        return None
+
+
+def _archive(md: EraMetadata) -> None:
+    if md.current_writeset.md.root:
+        md.era_archive()
+
+
+_MESSAGES: dict[str, Callable[[EraMetadata], object]] = {
+    "checkpoint": lambda md: md.checkpoint(),
+    "take_metadata_snap": lambda md: md.take_snap(),
+    "drop_metadata_snap": lambda md: md.drop_snap(),
+}
