@@ -47,3 +47,47 @@ def sparse_file(path: Path, size_bytes: int) -> Path:
     with open(path, "wb") as f:
         f.truncate(size_bytes)
     return path
+
+
+class DaemonProcess:
+    """A `blockera daemon` subprocess; `run()` calls blockera commands against it."""
+
+    def __init__(self, socket_path: Path) -> None:
+        import os
+        import signal  # noqa: F401
+        import time
+
+        self.socket_path = socket_path
+        self.env = {**os.environ, "BLOCKERA_SOCKET": str(socket_path)}
+        self.proc = subprocess.Popen(["blockera", "daemon", "--socket", str(socket_path)],
+                                     env=self.env, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not socket_path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start: {self.proc.stderr.read()!r}")
+            time.sleep(0.05)
+
+    def run(self, *args: str, input: str | bytes | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+        text = not isinstance(input, bytes)
+        r = subprocess.run(["blockera", *args], env=self.env, capture_output=True,
+                           input=input, text=text, timeout=300)
+        if check and r.returncode != 0:
+            raise AssertionError(f"blockera {' '.join(args)} failed ({r.returncode}): "
+                                 f"{r.stderr}")
+        return r
+
+    def stop(self) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    d = DaemonProcess(tmp_path / "engine.sock")
+    yield d
+    d.stop()

@@ -11,7 +11,7 @@ from typing import BinaryIO, Iterator
 
 import click
 
-from blockera.blockdev import FileDevice
+from blockera.blockdev import BlockDevice, FileDevice
 from blockera.errors import DeviceError, UsageError
 from blockera.units import parse_size_bytes, SECTOR_BYTES
 
@@ -35,8 +35,11 @@ def _output(path: str | None) -> Iterator[BinaryIO]:
             os.unlink(tmp)
 
 
-def _open_metadata(path: str) -> FileDevice:
-    return FileDevice(path, writable=False, direct=True)
+def _open_metadata(path: str) -> BlockDevice:
+    """Metadata device or file; `/dev/mapper/NAME` may also be a device of the engine daemon."""
+    from blockera.dm.client import open_path
+
+    return open_path(path, writable=False, direct=True)
 
 
 @click.group()
@@ -112,7 +115,7 @@ def check(metadata: str, quiet: bool, super_block_only: bool) -> None:
     """
     from blockera.era.check import check_era_metadata
 
-    if not Path(metadata).exists():
+    if not Path(metadata).exists() and not metadata.startswith("/dev/mapper/"):
         raise DeviceError(f"{metadata}: no such file or directory")
     with _open_metadata(metadata) as dev:
         report = check_era_metadata(dev, superblock_only=super_block_only)

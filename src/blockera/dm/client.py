@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from pathlib import Path
 
+from blockera.blockdev import BlockDevice, FileDevice
+
 from blockera.dm.protocol import MAX_IO_BYTES, Reader, default_socket_path, raise_reply, send_message
 from blockera.errors import DeviceError
+
+MAPPER_PREFIX = "/dev/mapper/"
 
 
 class EngineClient:
@@ -115,3 +120,43 @@ class EngineClient:
 
     def discard(self, name: str, offset_bytes: int, length_bytes: int) -> None:
         self.call("discard", name=name, offset=offset_bytes, length=length_bytes)
+
+
+class ClientDevice(BlockDevice):
+    """An engine device as a `BlockDevice`, reached through the daemon (tools reading
+    `/dev/mapper/NAME` where the engine, not the kernel, runs the device)."""
+
+    def __init__(self, name: str, socket_path: str | Path | None = None) -> None:
+        self.name = f"{MAPPER_PREFIX}{name}"
+        self.device = name
+        self.client = EngineClient(socket_path)
+        self._size = self.client.size_bytes(name)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+    def read(self, offset_bytes: int, length_bytes: int) -> bytes:
+        self.check_range(offset_bytes, length_bytes)
+        return self.client.read(self.device, offset_bytes, length_bytes)
+
+    def write(self, offset_bytes: int, data: bytes | bytearray | memoryview) -> None:
+        self.check_range(offset_bytes, len(data))
+        self.client.write(self.device, offset_bytes, data)
+
+    def flush(self) -> None:
+        self.client.flush(self.device)
+
+    def discard(self, offset_bytes: int, length_bytes: int) -> None:
+        self.client.discard(self.device, offset_bytes, length_bytes)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_path(path: str, *, writable: bool, direct: bool = False) -> BlockDevice:
+    """A file or block device by path; `/dev/mapper/NAME` that is not a kernel device node is
+    taken to be a device of the engine daemon."""
+    if path.startswith(MAPPER_PREFIX) and not os.path.exists(path):
+        return ClientDevice(path[len(MAPPER_PREFIX):])
+    return FileDevice(path, writable=writable, direct=direct)

@@ -195,6 +195,14 @@ class Engine:
             dev.name = new_name
             self.devices[new_name] = dev
 
+    def settle(self, name: str | None = None) -> None:
+        """Wait until the targets' background work (era digestion) has finished: what a
+        separate dmsetup process, milliseconds later, would always see."""
+        for dev in self._selected(name):
+            if dev.live is not None and not dev.suspended:
+                for target in dev.live.targets:
+                    target.settle()
+
     def message(self, name: str, sector: int, args: list[str]) -> str:
         with self.lock:
             dev = self.device(name)

@@ -72,6 +72,9 @@ class Target(ABC):
     def resume(self) -> None:
         pass
 
+    def settle(self) -> None:
+        """Wait until background work the target started (e.g. era digestion) is done."""
+
     def destroy(self) -> None:
         for ref in self.held:
             ref.close()

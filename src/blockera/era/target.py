@@ -124,6 +124,11 @@ class _Worker:
             while self.busy:
                 self.cv.wait()
 
+    def wait_idle(self) -> None:
+        with self.cv:
+            while not self.suspended and (self.busy or self._has_work()):
+                self.cv.wait()
+
     def exit(self) -> None:
         with self.cv:
             self.exiting = True
@@ -317,6 +322,9 @@ class EraTarget(Target):
         except BlockeraError as exc:
             raise TargetError(f"era: metadata_era_rollover failed: {exc}",
                               errno_name=exc.errno_name) from None
+
+    def settle(self) -> None:
+        self.worker.wait_idle()
 
     def destroy(self) -> None:
         if hasattr(self, "worker"):

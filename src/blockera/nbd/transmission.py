@@ -1,0 +1,353 @@
+"""The transmission phase of one connection: requests in, device calls, replies out.
+
+Owns NBD_CMD_READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (with NBD_CMD_FLAG_NO_HOLE and
+NBD_CMD_FLAG_FAST_ZERO), CACHE (accepted as a no-op) and DISC; NBD_CMD_FLAG_FUA (the command,
+then a device flush); simple replies and, when negotiated, structured replies (a READ answers
+with one NBD_REPLY_TYPE_OFFSET_DATA chunk, so NBD_CMD_FLAG_DF always holds; errors are
+NBD_REPLY_TYPE_ERROR chunks carrying the message).
+
+Requests are served by a small pool of threads per connection in leader/follower style: one
+thread at a time holds the read lock and receives the next request (a WRITE's payload into
+that thread's own buffer), releases the lock and executes the request, so a pipelining client
+has several requests in flight and replies go out as they complete, matched by cookie. A reply
+is written with one `sendmsg` under the send lock. Threads are started on demand, when every
+existing one is busy, up to `max_workers`. No lock is held across a device call other than the
+calling thread's own request, so a device that blocks (a suspended device-mapper device) only
+holds up the requests sent to it.
+
+Validation follows the protocol's error rules: unknown commands or flags, misaligned requests
+and reads/trims beyond the end are NBD_EINVAL; writes beyond the end NBD_ENOSPC; writes to a
+read-only export NBD_EPERM; a READ or WRITE larger than the maximum payload NBD_EINVAL (a
+structured READ NBD_EOVERFLOW) -- an oversized WRITE's payload is read and dropped in bounded
+pieces, so the connection stays in step. A bad request magic is a protocol violation: the
+connection is closed once the requests already in flight have been answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Callable
+
+from blockera.errors import BlockeraError, DeviceError
+from blockera.nbd import protocol as p
+from blockera.nbd.errors import ClientDisconnected, ClientProtocolError, is_unsupported, \
+    nbd_error_for
+from blockera.nbd.handshake import Negotiated
+from blockera.nbd.limits import BlockLimits
+from blockera.nbd.wire import SocketReader, send_buffers
+
+log = logging.getLogger(__name__)
+
+_KEEP_BUFFER_BYTES = 4 << 20
+_MAX_ERROR_MESSAGE_BYTES = 1024
+_DATA_CHUNK = struct.Struct(">IHHQIQ")  # structured reply header + OFFSET_DATA offset
+_OK = object()  # marks a request whose validation passed
+
+
+class _Request:
+    __slots__ = ("flags", "command", "cookie", "offset", "length", "payload", "error")
+
+    def __init__(self, flags: int, command: int, cookie: int, offset: int, length: int,
+                 payload: memoryview | None, error: tuple[int, str] | None) -> None:
+        self.flags = flags
+        self.command = command
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+        self.payload = payload
+        self.error = error
+
+
+def _message(text: str) -> bytes:
+    data = text.encode("utf-8", "replace")
+    if len(data) > _MAX_ERROR_MESSAGE_BYTES:
+        data = data[:_MAX_ERROR_MESSAGE_BYTES].decode("utf-8", "ignore").encode()
+    return data
+
+
+class Transmission:
+    """Serves one negotiated connection until the client disconnects or `stop()` is called.
+    `run()` makes the calling thread the first worker; `on_finished` is called once, by the
+    last worker to leave, after the socket is closed."""
+
+    def __init__(self, sock: socket.socket, reader: SocketReader, negotiated: Negotiated,
+                 limits: BlockLimits, *, max_workers: int, peer: str,
+                 on_finished: Callable[[], None]) -> None:
+        self._sock = sock
+        self._reader = reader
+        self._device = negotiated.export.device
+        self._export = negotiated.export
+        self._size = negotiated.size_bytes
+        self._structured = negotiated.structured_replies
+        flags = negotiated.transmission_flags
+        self._read_only = bool(flags & p.FLAG_READ_ONLY)
+        self._fua_ok = bool(flags & p.FLAG_SEND_FUA)
+        self._limits = limits
+        self._max_payload = limits.max_payload_bytes
+        self._max_workers = max_workers
+        self._peer = peer
+        self._on_finished = on_finished
+        self._read_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._threads = 1
+        self._busy = 0
+        self._closing = False
+        self._send_failed = False
+        self._local = threading.local()
+
+    # -- life cycle --------------------------------------------------------------------------
+    def run(self) -> None:
+        self._worker()
+
+    def stop(self) -> None:
+        """Stop reading requests; those in flight are finished and answered, then the
+        connection closes."""
+        self._closing = True
+        try:
+            self._sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def _abort(self) -> None:
+        self._closing = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _worker(self) -> None:
+        try:
+            while True:
+                with self._read_lock:
+                    if self._closing:
+                        return
+                    try:
+                        request = self._receive()
+                    except ClientDisconnected as exc:
+                        self._closing = True
+                        if exc.clean:
+                            log.debug("%s: client disconnected", self._peer)
+                        else:
+                            log.info("%s: client went away: %s", self._peer, exc)
+                        return
+                    except ClientProtocolError as exc:
+                        log.warning("%s: closing the connection: %s", self._peer, exc)
+                        self._closing = True
+                        return
+                    except Exception:
+                        log.exception("%s: receiving a request failed; closing the connection",
+                                      self._peer)
+                        self._abort()
+                        return
+                    if request is None:
+                        self._closing = True
+                        log.debug("%s: NBD_CMD_DISC", self._peer)
+                        return
+                    with self._state_lock:
+                        self._busy += 1
+                        spawn = self._busy == self._threads and \
+                            self._threads < self._max_workers
+                        if spawn:
+                            self._threads += 1
+                    if spawn:
+                        self._spawn()
+                try:
+                    self._execute(request)
+                finally:
+                    with self._state_lock:
+                        self._busy -= 1
+        finally:
+            self._leave()
+
+    def _spawn(self) -> None:
+        try:
+            threading.Thread(target=self._worker, name=f"nbd {self._peer}", daemon=True).start()
+        except RuntimeError:
+            with self._state_lock:
+                self._threads -= 1
+
+    def _leave(self) -> None:
+        with self._state_lock:
+            self._threads -= 1
+            last = self._threads == 0
+        if last:
+            try:
+                self._sock.close()
+            finally:
+                self._on_finished()
+
+    # -- receiving ---------------------------------------------------------------------------
+    def _payload_buffer(self, length: int) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < length:
+            buf = bytearray(length)
+            if length <= _KEEP_BUFFER_BYTES:
+                self._local.buf = buf
+        return memoryview(buf)[:length]
+
+    def _receive(self) -> _Request | None:
+        """The next request (None for NBD_CMD_DISC); a WRITE's payload is read with it."""
+        magic, flags, command, cookie, offset, length = p.REQUEST.unpack(
+            self._reader.take(p.REQUEST.size))
+        if magic != p.REQUEST_MAGIC:
+            raise ClientProtocolError(f"bad request magic {magic:#x}")
+        if command == p.CMD_WRITE:
+            if length > self._max_payload:
+                self._reader.skip(length)
+                return _Request(flags, command, cookie, offset, length, None, (
+                    p.EINVAL, f"write of {length} bytes exceeds the maximum payload of "
+                    f"{self._max_payload} bytes"))
+            payload = self._payload_buffer(length)
+            self._reader.read_into(payload)
+            return _Request(flags, command, cookie, offset, length, payload, None)
+        if command == p.CMD_DISC:
+            return None
+        return _Request(flags, command, cookie, offset, length, None, None)
+
+    # -- validation --------------------------------------------------------------------------
+    def _invalid(self, r: _Request) -> tuple[int, str] | None:
+        """Why a request must fail before reaching the device, or None."""
+        command, flags = r.command, r.flags
+        allowed = p.CMD_FLAG_FUA if self._fua_ok else 0
+        if command == p.CMD_READ:
+            if self._structured:
+                allowed |= p.CMD_FLAG_DF
+        elif command == p.CMD_WRITE_ZEROES:
+            allowed |= p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO
+        elif command not in (p.CMD_WRITE, p.CMD_FLUSH, p.CMD_TRIM, p.CMD_CACHE):
+            name = p.COMMAND_NAMES.get(command, f"command {command}")
+            return p.EINVAL, f"{name} is not supported"
+        if flags & ~allowed:
+            return p.EINVAL, (f"flags {flags & ~allowed:#x} are not valid for "
+                              f"{p.COMMAND_NAMES[command]}")
+        if command == p.CMD_FLUSH:
+            if r.offset or r.length:
+                return p.EINVAL, "FLUSH must have zero offset and length"
+            return None
+        writes = command in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
+        if writes and self._read_only:
+            return p.EPERM, f"export {self._export.name!r} is read-only"
+        if command == p.CMD_READ and r.length > self._max_payload:
+            return (p.EOVERFLOW if self._structured else p.EINVAL), (
+                f"read of {r.length} bytes exceeds the maximum payload of "
+                f"{self._max_payload} bytes")
+        if self._limits.misaligned(r.offset, r.length, self._size):
+            return p.EINVAL, (f"request at byte {r.offset}, length {r.length} is not aligned "
+                              f"to the minimum block size of {self._limits.min_block_bytes}")
+        if r.offset + r.length > self._size:
+            return (p.ENOSPC if command in (p.CMD_WRITE, p.CMD_WRITE_ZEROES) else p.EINVAL), (
+                f"request at byte {r.offset}, length {r.length} goes beyond the end of the "
+                f"export ({self._size} bytes)")
+        return None
+
+    # -- execution ---------------------------------------------------------------------------
+    def _execute(self, r: _Request) -> None:
+        error = r.error or self._invalid(r)
+        if error is not None:
+            log.debug("%s: %s refused: %s", self._peer,
+                      p.COMMAND_NAMES.get(r.command, r.command), error[1])
+            self._reply_error(r.cookie, *error)
+            return
+        device = self._device
+        command = r.command
+        try:
+            if command == p.CMD_READ:
+                self._read(r)
+                return
+            if command == p.CMD_WRITE:
+                device.write(r.offset, r.payload)
+            elif command == p.CMD_FLUSH:
+                device.flush()
+            elif command == p.CMD_WRITE_ZEROES:
+                if r.flags & p.CMD_FLAG_FAST_ZERO and not self._export.fast_zero:
+                    self._reply_error(r.cookie, p.ENOTSUP,
+                                      "zeroing is not faster than writing on this device")
+                    return
+                if r.length:
+                    device.write_zeroes(r.offset, r.length)
+            elif command == p.CMD_TRIM:
+                if r.length and not self._trim(r):
+                    self._reply_ok(r.cookie)
+                    return
+            # CMD_CACHE: a hint with nothing to do; reaching here means it was valid.
+            if r.flags & p.CMD_FLAG_FUA and command != p.CMD_FLUSH:
+                device.flush()
+        except Exception as exc:
+            self._device_failed(r, exc)
+            return
+        self._reply_ok(r.cookie)
+
+    def _trim(self, r: _Request) -> bool:
+        """Discard; False when the device does not support it (TRIM is only a hint)."""
+        try:
+            self._device.discard(r.offset, r.length)
+        except Exception as exc:
+            if is_unsupported(exc):
+                log.debug("%s: TRIM ignored: %s", self._peer, exc)
+                return False
+            raise
+        return True
+
+    def _read(self, r: _Request) -> None:
+        if r.length == 0:
+            if self._structured:
+                self._send([p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                                    p.REPLY_TYPE_NONE, r.cookie, 0)])
+            else:
+                self._reply_ok(r.cookie)
+            return
+        try:
+            data = self._device.read(r.offset, r.length)
+            if len(data) != r.length:
+                raise DeviceError(f"device returned {len(data)} bytes for a read of "
+                                  f"{r.length} at byte {r.offset}")
+        except Exception as exc:
+            self._device_failed(r, exc)
+            return
+        if self._structured:
+            header = _DATA_CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                      p.REPLY_TYPE_OFFSET_DATA, r.cookie, r.length + 8, r.offset)
+        else:
+            header = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, r.cookie)
+        self._send([header, data])
+
+    def _device_failed(self, r: _Request, exc: Exception) -> None:
+        code = nbd_error_for(exc)
+        name = p.COMMAND_NAMES.get(r.command, str(r.command))
+        if isinstance(exc, BlockeraError):
+            log.warning("%s: %s at byte %d, length %d failed: %s", self._peer, name, r.offset,
+                        r.length, exc)
+            text = str(exc)
+        else:
+            log.error("%s: %s at byte %d, length %d raised an unexpected error", self._peer,
+                      name, r.offset, r.length, exc_info=exc)
+            text = f"{type(exc).__name__}: {exc}"
+        self._reply_error(r.cookie, code, text)
+
+    # -- replies -----------------------------------------------------------------------------
+    def _reply_ok(self, cookie: int) -> None:
+        self._send([p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie)])
+
+    def _reply_error(self, cookie: int, code: int, text: str) -> None:
+        if self._structured:
+            msg = _message(text)
+            self._send([p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                                p.REPLY_TYPE_ERROR, cookie, 6 + len(msg)) +
+                        p.ERROR_PREFIX.pack(code, len(msg)) + msg])
+        else:
+            self._send([p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, code, cookie)])
+
+    def _send(self, buffers: list[bytes | bytearray | memoryview]) -> None:
+        with self._send_lock:
+            if self._send_failed:
+                return
+            try:
+                send_buffers(self._sock, buffers)
+            except OSError as exc:
+                self._send_failed = True
+                log.info("%s: cannot send a reply, closing: %s", self._peer, exc)
+                self._abort()
