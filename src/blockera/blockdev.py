@@ -197,7 +197,7 @@ class FileDevice(BlockDevice):
     def flush(self) -> None:
         if self.writable:
             try:
-                os.fsync(self._fd)
+                os.fdatasync(self._fd)
             except OSError as exc:
                 raise DeviceError(f"{self.name}: flush failed: {exc.strerror}") from None
 

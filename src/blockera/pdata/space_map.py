@@ -281,8 +281,11 @@ class MetadataSpaceMap:
         return b
 
     def _find_free(self, begin: int, end: int) -> int | None:
-        pending = {blk for blk, d in self._pending if d > 0}
-        window = 1 << 16
+        """First block in [begin, end) free now and at the last commit (and not about to be
+        counted by a queued update). Searches a small window first, since the next free block
+        is usually right after the cursor."""
+        pending = {blk for blk, d in self._pending if d > 0} if self._pending else ()
+        window = 64
         pos = begin
         while pos < end:
             stop = min(end, pos + window)
@@ -291,6 +294,7 @@ class MetadataSpaceMap:
                 if self._committed.get(b, 0) == 0 and b not in pending:
                     return b
             pos = stop
+            window = min(window * 8, 1 << 16)
         return None
 
     # -- commit ----------------------------------------------------------------------------------
