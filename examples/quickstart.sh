@@ -36,3 +36,26 @@ echo "== the same as JSON ranges [begin, end)"
 blockera era invalidate --written-since 2 --json "$work/meta.img"
 echo "== each block's newest era (first lines)"
 blockera era dump --logical "$work/meta.img" | head -6
+
+echo
+echo "== the era target in the userspace engine, with image files for disks (seed 000)"
+export BLOCKERA_SOCKET="$work/engine.sock"
+blockera daemon --socket "$BLOCKERA_SOCKET" &
+daemon_pid=$!
+trap 'kill $daemon_pid 2>/dev/null; wait $daemon_pid 2>/dev/null; rm -rf "$work"' EXIT
+while [ ! -S "$BLOCKERA_SOCKET" ]; do sleep 0.1; done
+truncate -s 256M "$work/sdb.img" "$work/sdc.img"
+blockera dmsetup create era-meta --table "0 256 linear $work/sdb.img 0"
+blockera dmsetup create era --table "0 524288 era /dev/mapper/era-meta $work/sdc.img 4096"
+blockera dmsetup create era-access --table "0 256 linear /dev/mapper/era-meta 0"
+blockera dmsetup status era
+blockera dd if=/dev/urandom of=/dev/mapper/era bs=1M seek=60 count=40 status=none
+blockera dmsetup message era 0 take_metadata_snap
+blockera dmsetup status era
+echo "== blocks written since era 1 (40 MiB at 60 MiB = 2 MiB blocks 30..49)"
+blockera era invalidate --written-since 1 --metadata-snapshot /dev/mapper/era-access
+blockera dmsetup message era 0 drop_metadata_snap
+blockera dmsetup remove era-access
+blockera dmsetup remove era
+blockera dmsetup remove era-meta
+blockera era check -q "$work/sdb.img" && echo "metadata consistent after removal"
