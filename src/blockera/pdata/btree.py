@@ -645,7 +645,10 @@ class BTree:
     def _rebalance2_nodes(self, parent: Node, left_loc: int, left: Node, right_index: int,
                           right_loc: int, right: Node) -> None:
         nr_left, nr_right = left.nr_entries, right.nr_entries
-        threshold = 2 * self._merge_threshold(left) + 1
+        # Linux >= 5.11 (commit "dm btree: increase rebalance threshold in __rebalance2()"):
+        # after a redistribution each child keeps at least max_entries / 3 + 1 entries, so
+        # the removal that follows cannot take it under a third.
+        threshold = 2 * (self._merge_threshold(left) + 1)
         if nr_left + nr_right < threshold:
             self._node_copy(left, right, -nr_right)
             left.nr_entries = nr_left + nr_right
