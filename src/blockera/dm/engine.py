@@ -195,6 +195,9 @@ class Engine:
             dev.name = new_name
             self.devices[new_name] = dev
 
+    def dev_t(self, name: str) -> str:
+        return self.device(name).dev_t
+
     def settle(self, name: str | None = None) -> None:
         """Wait until the targets' background work (era digestion) has finished: what a
         separate dmsetup process, milliseconds later, would always see."""
