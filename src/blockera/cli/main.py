@@ -27,12 +27,13 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from blockera.cli.cow import cow
     from blockera.cli.daemon import daemon
     from blockera.cli.dd import dd
     from blockera.cli.dmsetup import dmsetup
     from blockera.cli.era import era
 
-    for command in (era, dmsetup, daemon, dd):
+    for command in (era, cow, dmsetup, daemon, dd):
         cli.add_command(command)
 
 

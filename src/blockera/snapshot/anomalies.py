@@ -12,7 +12,9 @@ written by a faulty tool:
 * `run_length_bits`: `new_chunk >= 2**56`, where the kernel keeps a run length in memory;
 * `old_overflow`: `(old_chunk + 1) * chunk_size` does not fit in a 64-bit sector number.
 
-Detection is vectorised (sorts and masks over the whole table).
+A `new_chunk` pointing at the header (chunk 0) cannot occur: 0 ends the list. Records out of
+allocation order are not reported (kernels before 2013 wrote them). Detection is vectorised
+(sorts and masks over the whole table).
 """
 
 from __future__ import annotations
@@ -110,16 +112,16 @@ class AnomalyReport:
 def _duplicates(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Indices of values seen earlier in the array (ascending), and the index of each one's
     first occurrence."""
+    empty = np.zeros(0, dtype=np.int64)
     if len(values) < 2:
-        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    ordered = np.sort(values)
+    if not (ordered[1:] == ordered[:-1]).any():     # the common case, without an argsort
         return empty, empty
     order = np.argsort(values, kind="stable")
     ordered = values[order]
     starts = np.ones(len(values), dtype=bool)
     starts[1:] = ordered[1:] != ordered[:-1]
-    if starts.all():
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty
     group_start = np.flatnonzero(starts)
     group = np.cumsum(starts) - 1
     repeat = ~starts
