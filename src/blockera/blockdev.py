@@ -24,6 +24,7 @@ from pathlib import Path
 from blockera.errors import DeviceError, NoSpaceError
 
 _BLKGETSIZE64 = 0x80081272
+_BLKDISCARD = 0x1277
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _DIRECT_ALIGN = 4096
@@ -203,12 +204,14 @@ class FileDevice(BlockDevice):
 
     def discard(self, offset_bytes: int, length_bytes: int) -> None:
         self.check_range(offset_bytes, length_bytes)
-        if not self.is_block_device:
-            try:
+        try:
+            if self.is_block_device:
+                fcntl.ioctl(self._fd, _BLKDISCARD, struct.pack("<QQ", offset_bytes, length_bytes))
+            else:
                 _punch_hole(self._fd, offset_bytes, length_bytes)
-                return
-            except OSError:
-                pass  # file system without hole punching: fall back to writing zeros
+            return
+        except OSError:
+            pass  # no discard / hole punching here: fall back to writing zeros
         self.write_zeroes(offset_bytes, length_bytes)
 
     def close(self) -> None:
