@@ -13,13 +13,9 @@ import numpy as np
 from blockera.blockdev import BlockDevice
 from blockera.snapshot.store import ExceptionStore
 
-SHIM = ("import sys; from blockera.cli.main import cli, main; from blockera.cli.cow import cow; "
-        "cli.add_command(cow); main(sys.argv[1:])")
-
-
 def run_cow(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     """`blockera cow ARGS` through the real entry point's error handling."""
-    return subprocess.run([sys.executable, "-c", SHIM, "cow", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "blockera", "cow", *args], capture_output=True,
                           timeout=120, input=stdin)
 
 

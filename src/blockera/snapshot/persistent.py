@@ -78,7 +78,8 @@ class PersistentStore(ExceptionStore):
             raise DeviceError(f"Failed to read snapshot metadata: the COW device "
                               f"({size_bytes} bytes) is smaller than one {chunk_bytes}-byte "
                               "chunk, so its header cannot be read", errno_name="EIO")
-        header = DiskHeader.unpack(cow.read(0, HEADER_BYTES))
+        # the whole first sector: a device-mapper device cannot read 16 bytes
+        header = DiskHeader.unpack(cow.read(0, SECTOR_BYTES)[:HEADER_BYTES])
         if header.is_new:
             store = cls(cow, chunk_sectors, overflow=overflow)
             store._create()

@@ -25,6 +25,7 @@ from blockera.errors import MetadataError
 from blockera.snapshot.header import DiskHeader, check_disk_header
 from blockera.snapshot.layout import (FIRST_DATA_CHUNK, HEADER_BYTES, U64_MASK, Geometry)
 from blockera.snapshot.records import decode_areas, terminators
+from blockera.units import SECTOR_BYTES
 
 MAX_BATCH_BYTES = 32 << 20
 _EMPTY = np.zeros(0, dtype=np.uint64)
@@ -161,7 +162,8 @@ def read_cow(dev: BlockDevice, *, lenient: bool = False) -> CowImage:
     if size_bytes < HEADER_BYTES:
         return fail(f"COW device is {size_bytes} bytes, too small to hold the "
                     f"{HEADER_BYTES}-byte header (truncated?)")
-    header = DiskHeader.unpack(dev.read(0, HEADER_BYTES))
+    # one whole sector: devices that address sectors cannot read 16 bytes
+    header = DiskHeader.unpack(dev.read(0, min(SECTOR_BYTES, size_bytes))[:HEADER_BYTES])
     if header.is_new:
         return fail("COW device is not initialised (header magic is 0): it holds no snapshot "
                     "store yet; the kernel would create a new, empty store here", header,

@@ -1,0 +1,167 @@
+"""Which snapshots belong to which origin (the kernel's `_origins` hash in dm-snap.c,
+specs/snapshot-cow.md §4.4 and §4.7).
+
+Snapshots are paired with their origin by the identity of the origin device their table names
+(the real origin, LVM's `-real` device), so a `snapshot-origin` or `snapshot-merge` target
+finds every snapshot it must copy out to. Each engine has its own registry.
+
+Each origin has an `OriginGroup`: its snapshots, largest chunk size first as in the kernel,
+and one shared/exclusive lock that orders all I/O touching the group's exception tables:
+
+* shared: snapshot reads, snapshot writes to chunks that already have an exception, origin
+  writes that need no copy-out;
+* exclusive: copy-outs (and the origin write that waits for them), new exceptions from
+  snapshot writes, merge steps, and the activation or handover of a snapshot (the kernel
+  suspends the origin internally for that).
+
+`find_sharing()` is the kernel's `__find_snapshots_sharing_cow()`: the snapshots of the same
+origin that use the same COW device, which is how an exception-store handover is recognised.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Hashable, Iterator
+
+if TYPE_CHECKING:
+    from blockera.snapshot.snapshot_target import SnapshotTarget
+
+
+class SharedExclusiveLock:
+    """A readers-writer lock that lets a waiting writer in before new readers."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cv:
+            while self._writer or self._writers_waiting:
+                self._cv.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._readers -= 1
+                if not self._readers:
+                    self._cv.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cv:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cv.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._writer = False
+                self._cv.notify_all()
+
+
+@dataclass(eq=False)
+class OriginGroup:
+    """One origin device: its snapshots and the lock ordering I/O on them. It lives as long as
+    a snapshot or an origin target refers to it (`users`)."""
+
+    identity: Hashable
+    snapshots: list["SnapshotTarget"] = field(default_factory=list)
+    io: SharedExclusiveLock = field(default_factory=SharedExclusiveLock)
+    users: int = 0
+
+    def insert(self, snap: "SnapshotTarget") -> None:
+        """Keep the list sorted by chunk size, largest first (the kernel's __insert_snapshot:
+        a snapshot goes after those with a chunk size at least as large)."""
+        at = next((i for i, other in enumerate(self.snapshots)
+                   if other.chunk_sectors < snap.chunk_sectors), len(self.snapshots))
+        self.snapshots.insert(at, snap)
+
+
+@dataclass
+class Sharing:
+    """The result of `find_sharing`: how many snapshots of the origin use the same COW, the
+    active one (a handover source), the inactive one (a handover destination), and the origin's
+    merging snapshot if there is one."""
+
+    count: int = 0
+    source: "SnapshotTarget | None" = None
+    destination: "SnapshotTarget | None" = None
+    merging: "SnapshotTarget | None" = None
+
+
+class SnapshotRegistry:
+    """The origins of one engine and their snapshots."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self._groups: dict[Hashable, OriginGroup] = {}
+
+    def acquire(self, origin_identity: Hashable) -> OriginGroup:
+        """The group of an origin device, created on first use; pair with `release()`."""
+        with self.lock:
+            group = self._groups.get(origin_identity)
+            if group is None:
+                group = self._groups[origin_identity] = OriginGroup(origin_identity)
+            group.users += 1
+            return group
+
+    def release(self, group: OriginGroup) -> None:
+        with self.lock:
+            group.users -= 1
+            if not group.users and self._groups.get(group.identity) is group:
+                del self._groups[group.identity]
+
+    def add(self, group: OriginGroup, snap: "SnapshotTarget") -> None:
+        with self.lock:
+            group.insert(snap)
+
+    def reinsert(self, group: OriginGroup, snap: "SnapshotTarget") -> None:
+        """Move a snapshot to its place for the chunk size now in force."""
+        with self.lock:
+            group.snapshots.remove(snap)
+            group.insert(snap)
+
+    def remove(self, group: OriginGroup, snap: "SnapshotTarget") -> None:
+        with self.lock:
+            if snap in group.snapshots:
+                group.snapshots.remove(snap)
+
+    def find_sharing(self, group: OriginGroup, snap: "SnapshotTarget") -> Sharing:
+        result = Sharing()
+        with self.lock:
+            for other in group.snapshots:
+                if other.is_merge:
+                    result.merging = other
+                if other.cow_identity != snap.cow_identity:
+                    continue
+                if other.active:
+                    result.source = other
+                else:
+                    result.destination = other
+                result.count += 1
+        return result
+
+
+_REGISTRIES: "weakref.WeakKeyDictionary[object, SnapshotRegistry]" = weakref.WeakKeyDictionary()
+_REGISTRIES_LOCK = threading.Lock()
+
+
+def registry_for(engine: object) -> SnapshotRegistry:
+    """The registry of the engine (the opener that built the tables)."""
+    with _REGISTRIES_LOCK:
+        registry = _REGISTRIES.get(engine)
+        if registry is None:
+            registry = _REGISTRIES[engine] = SnapshotRegistry()
+        return registry
