@@ -234,7 +234,7 @@ class SnapshotTarget(Target):
         existing: list[tuple[_Piece, int]] = []
         fresh: list[tuple[_Piece, int]] = []
         full = False
-        for piece in pieces:
+        for piece in pieces:     # as the kernel's per-chunk bios: those after a failure fail
             new = store.lookup(piece.chunk)
             if new is not None:
                 existing.append((piece, new))
