@@ -1,8 +1,12 @@
 """The engine daemon: one `Engine` served on a unix socket (see `blockera.dm.protocol`).
 
-The state directory holds the socket and `daemon.pid`. On SIGTERM or SIGINT the daemon shuts
-down cleanly: it stops accepting requests, suspends every device (users before what they use)
-so that targets commit their metadata, removes them and deletes the socket.
+The state directory holds the socket and `daemon.pid`. Other services over the same engine
+(the NBD export, `blockera.nbd.engine_service`) are handed in as `DaemonService` objects: they
+start before the control socket appears (so it existing means everything is up) and stop right
+after it closes. On SIGTERM or SIGINT the daemon shuts down cleanly: it stops accepting
+requests, stops the services (NBD clients are disconnected once their requests in flight are
+answered), suspends every device (users before what they use) so that targets commit their
+metadata, removes them and deletes the socket.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import socket
 import socketserver
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 from blockera.dm.engine import Engine
 from blockera.dm.protocol import MAX_IO_BYTES, Reader, error_reply, send_message
@@ -126,14 +130,28 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         super().__init__(path, _Handler)
 
 
-class Daemon:
-    """Serve `engine` on `socket_path` until `stop()` (or a signal when `run()` is used)."""
+class DaemonService(Protocol):
+    """Something the daemon runs over its engine besides the control socket."""
 
-    def __init__(self, engine: Engine, socket_path: Path, state_dir: Path | None = None) -> None:
+    def start(self) -> None:
+        """Start serving; raise a `BlockeraError` saying why when that is impossible."""
+
+    def stop(self) -> None:
+        """Stop serving and let go of the engine's devices (called before they suspend)."""
+
+
+class Daemon:
+    """Serve `engine` on `socket_path`, with `services`, until `stop()` (or a signal when
+    `run()` is used)."""
+
+    def __init__(self, engine: Engine, socket_path: Path, state_dir: Path | None = None,
+                 services: Sequence[DaemonService] = ()) -> None:
         self.engine = engine
         self.socket_path = Path(socket_path)
         self.state_dir = Path(state_dir) if state_dir else self.socket_path.parent
+        self.services = list(services)
         self._stopped = threading.Event()
+        self._started: list[DaemonService] = []
         self.server: _Server | None = None
         self.extra_shutdown: list[Callable[[], None]] = []
 
@@ -145,12 +163,27 @@ class Daemon:
                 raise DeviceError(f"{self.socket_path}: another engine daemon is already "
                                   "listening there")
             self.socket_path.unlink()
-        self.server = _Server(str(self.socket_path), EngineService(self.engine))
+        try:
+            for service in self.services:
+                service.start()
+                self._started.append(service)
+            self.server = _Server(str(self.socket_path), EngineService(self.engine))
+        except BaseException:
+            self._stop_services()
+            raise
         os.chmod(self.socket_path, 0o600)
         (self.state_dir / "daemon.pid").write_text(f"{os.getpid()}\n")
         threading.Thread(target=self.server.serve_forever, name="engine-control",
                          daemon=True).start()
         log.info("engine daemon listening on %s", self.socket_path)
+
+    def _stop_services(self) -> None:
+        while self._started:
+            service = self._started.pop()
+            try:
+                service.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(service).__name__)
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -159,6 +192,7 @@ class Daemon:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+        self._stop_services()
         for action in self.extra_shutdown:
             action()
         self.engine.shutdown()
@@ -169,8 +203,8 @@ class Daemon:
                 pass
         log.info("engine daemon stopped; devices suspended and removed")
 
-    def run(self) -> None:
-        """Start, then serve until SIGTERM or SIGINT; shut down cleanly."""
+    def run(self, on_started: Callable[[], None] | None = None) -> None:
+        """Start (then call `on_started`), serve until SIGTERM or SIGINT; shut down cleanly."""
         wake = threading.Event()
 
         def on_signal(signum: int, frame: object) -> None:
@@ -179,9 +213,13 @@ class Daemon:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.start()
-        while not wake.wait(1.0):
-            pass
-        self.stop()
+        try:
+            if on_started is not None:
+                on_started()
+            while not wake.wait(1.0):
+                pass
+        finally:
+            self.stop()
 
 
 def _socket_alive(path: Path) -> bool:

@@ -13,10 +13,12 @@ the kernel's nbd client -- can then read and write the devices over a unix socke
 negotiates or lists exports (see `blockera.nbd.exports`).
 
 Modules, one protocol part each: `protocol` (constants and message layouts), `handshake`
-(fixed newstyle option haggling), `transmission` (requests and replies), `wire` (socket I/O),
-`exports` (export names to devices), `limits` (block size constraints), `listeners` (unix and
-TCP sockets, loopback rule), `connection` (one client's life), `server` (accepting and
-shutdown), `errors` (exceptions and the device-error to NBD-error mapping).
+(fixed newstyle option haggling), `transmission` (requests and replies), `workers` (the
+threads of one connection), `wire` (socket I/O), `exports` (export names to devices), `limits`
+(block size constraints), `listeners` (unix and TCP sockets, loopback rule), `connection` (one
+client's life), `server` (accepting and shutdown), `errors` (exceptions and the device-error
+to NBD-error mapping). For the device-mapper engine: `engine_exports` (the engine's devices as
+exports, by name, live) and `engine_service` (the export as a service of `blockera daemon`).
 """
 
 from blockera.nbd.errors import ListenError, RemoteBindRefusedError, UnknownExportError

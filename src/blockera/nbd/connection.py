@@ -3,7 +3,8 @@
 A connection runs in its own thread (plus the transmission phase's workers). `stop()` ends it
 gracefully whatever phase it is in: during the handshake the socket is shut down; during
 transmission no further requests are read, those in flight are answered, then the socket
-closes. `finished` is set when everything is released.
+closes. `finished` is set when everything is released, the claim on the negotiated export
+included (see `blockera.nbd.exports`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 from collections.abc import Callable
 
 from blockera.nbd.errors import ClientDisconnected, ClientProtocolError
-from blockera.nbd.exports import ExportResolver
+from blockera.nbd.exports import ExportResolver, Release
 from blockera.nbd.handshake import Handshake
 from blockera.nbd.limits import BlockLimits
 from blockera.nbd.transmission import Transmission
@@ -41,6 +42,7 @@ class Connection:
         self._lock = threading.Lock()
         self._stop_requested = False
         self._transmission: Transmission | None = None
+        self._release: Release | None = None
 
     def start(self) -> None:
         threading.Thread(target=self._run, name=f"nbd {self.peer}", daemon=True).start()
@@ -68,6 +70,12 @@ class Connection:
         try:
             self.sock.close()
         finally:
+            release, self._release = self._release, None
+            if release is not None:
+                try:
+                    release()
+                except Exception:
+                    log.exception("%s: releasing export %r failed", self.peer, self.export_name)
             self.finished.set()
             self._on_closed(self)
 
@@ -92,6 +100,7 @@ class Connection:
         if negotiated is None:
             self._finish()
             return
+        self._release = negotiated.release
         with self._lock:
             if self._stop_requested:
                 negotiated = None

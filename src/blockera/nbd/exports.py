@@ -7,11 +7,17 @@ the server runs (the device-mapper engine passes a function that lists its live 
 connection keeps the device it negotiated; if that device is later removed, its calls fail and
 the client sees NBD_EIO.
 
-A mapping's values are `BlockDevice` objects, or `Export` records that add a read-only flag
-and a description. An export is read-only (NBD_FLAG_READ_ONLY; writes, trims and zeroing
-fail with NBD_EPERM) when any of these holds: the server was started read-only, its `Export`
-says so, the device has a true `read_only` attribute (device-mapper devices), or the device
-has a false `writable` attribute (a `FileDevice` opened read-only).
+A mapping's values are `BlockDevice` objects, or `Export` records that add a read-only flag, a
+description and a `claim` hook. `claim()` is called when a client is about to enter the
+transmission phase with the export (NBD_OPT_GO, NBD_OPT_EXPORT_NAME) and returns the function to
+call when that connection ends; raising refuses the export (with NBD_OPT_GO the client gets
+NBD_REP_ERR_UNKNOWN and the message). The device-mapper engine uses it to hold a device open
+while a client uses it, so the device cannot be removed under the client, as in the kernel.
+
+An export is read-only (NBD_FLAG_READ_ONLY; writes, trims and zeroing fail with NBD_EPERM) when
+any of these holds: the server was started read-only, its `Export` says so, the device has a
+true `read_only` attribute (device-mapper devices), or the device has a false `writable`
+attribute (a `FileDevice` opened read-only).
 
 Optional device attributes the server also honours:
 
@@ -32,13 +38,26 @@ from blockera.blockdev import BlockDevice
 from blockera.nbd.errors import UnknownExportError
 
 
+Release = Callable[[], None]
+Claim = Callable[[], Release]
+
+
+def _no_release() -> None:
+    pass
+
+
+def _no_claim() -> Release:
+    return _no_release
+
+
 @dataclass(frozen=True)
 class Export:
-    """A device with export options."""
+    """A device with export options (see the module docstring for `claim`)."""
 
     device: BlockDevice
     read_only: bool = False
     description: str = ""
+    claim: Claim = _no_claim
 
 
 ExportMap = Mapping[str, Union[BlockDevice, Export]]
@@ -53,6 +72,7 @@ class ResolvedExport:
     device: BlockDevice
     read_only: bool
     description: str
+    claim: Claim = _no_claim
 
     @property
     def supports_discard(self) -> bool:
@@ -111,15 +131,17 @@ class ExportResolver:
                 raise UnknownExportError("no default export: ask for an export by name "
                                          f"(available: {_names(exports)})")
             raise UnknownExportError(f"no export named {name!r} (available: {_names(exports)})")
+        claim: Claim = _no_claim
         if isinstance(entry, Export):
             device, read_only, description = entry.device, entry.read_only, entry.description
+            claim = entry.claim
         else:
             device, read_only, description = entry, False, ""
         if not isinstance(device, BlockDevice):
             raise TypeError(f"export {canonical!r} is a {type(device).__name__}, "
                             "not a BlockDevice")
         read_only = read_only or self.read_only or device_is_read_only(device)
-        return ResolvedExport(canonical, device, read_only, description)
+        return ResolvedExport(canonical, device, read_only, description, claim)
 
 
 def _names(exports: ExportMap) -> str:

@@ -4,7 +4,9 @@ Owns everything before the transmission phase: NBD_OPT_GO, NBD_OPT_INFO (with NB
 NBD_INFO_NAME, NBD_INFO_DESCRIPTION and NBD_INFO_BLOCK_SIZE), NBD_OPT_LIST, NBD_OPT_ABORT,
 NBD_OPT_EXPORT_NAME and NBD_OPT_STRUCTURED_REPLY; every other option is answered with
 NBD_REP_ERR_UNSUP (there is no TLS, no metadata context and no extended header support).
-Export names are resolved when the client asks, through an `ExportResolver`.
+Export names are resolved when the client asks, through an `ExportResolver`; an export is
+claimed (see `blockera.nbd.exports`) just before the server agrees to enter transmission with
+it, and the release that comes with the claim travels in `Negotiated` to the connection.
 
 The whole handshake has a deadline; a client that breaks a mandatory rule (bad magic, unknown
 client flags, oversized option data) gets a hard disconnect, as the protocol allows.
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from blockera.errors import BlockeraError
 from blockera.nbd import protocol as p
 from blockera.nbd.errors import ClientProtocolError, UnknownExportError
-from blockera.nbd.exports import ExportResolver, ResolvedExport
+from blockera.nbd.exports import ExportResolver, Release, ResolvedExport
 from blockera.nbd.limits import BlockLimits
 from blockera.nbd.wire import SocketReader, send_buffers
 
@@ -41,6 +43,11 @@ class Negotiated:
     size_bytes: int
     transmission_flags: int
     structured_replies: bool
+    # The client asked for NBD_INFO_BLOCK_SIZE with NBD_OPT_GO, and so promised to honour the
+    # block size constraints; only then are unaligned requests refused by the server itself.
+    block_sizes_agreed: bool = False
+    # Ends the claim on the export; the connection calls it exactly once when it closes.
+    release: Release = lambda: None
 
 
 def transmission_flags(export: ResolvedExport, structured_replies: bool) -> int:
@@ -126,7 +133,10 @@ class Handshake:
     def _option(self, option: int, data: bytes) -> Negotiated | None | bool:
         """Handle one option: True to keep haggling, else the handshake's result."""
         if option == p.OPT_ABORT:
-            self._reply(option, p.REP_ACK)
+            try:
+                self._reply(option, p.REP_ACK)
+            except OSError:
+                pass  # the client may close without waiting for the acknowledgement
             return None
         if self._stopping():
             if option == p.OPT_EXPORT_NAME:
@@ -165,17 +175,35 @@ class Handshake:
             raise UnknownExportError(f"export {name!r} is not available: "
                                      f"{type(exc).__name__}: {exc}") from None
 
+    def _claim(self, export: ResolvedExport) -> Release:
+        try:
+            return export.claim()
+        except UnknownExportError:
+            raise
+        except BlockeraError as exc:
+            raise UnknownExportError(f"export {export.name!r} is not available: {exc}") \
+                from None
+        except Exception as exc:
+            log.exception("claiming export %r failed", export.name)
+            raise UnknownExportError(f"export {export.name!r} is not available: "
+                                     f"{type(exc).__name__}: {exc}") from None
+
     def _export_name(self, data: bytes) -> Negotiated | None:
         try:
             name = data.decode("utf-8")
             export, size_bytes = self._resolve(name)
+            release = self._claim(export)
         except (UnicodeDecodeError, UnknownExportError) as exc:
             log.info("%s: NBD_OPT_EXPORT_NAME refused, closing: %s", self._peer, exc)
             return None
         flags = transmission_flags(export, False)
-        self._sock.sendall(p.EXPORT_NAME_REPLY.pack(size_bytes, flags) +
-                           (b"" if self._no_zeroes else _ZEROES))
-        return Negotiated(export, size_bytes, flags, False)
+        try:
+            self._sock.sendall(p.EXPORT_NAME_REPLY.pack(size_bytes, flags) +
+                               (b"" if self._no_zeroes else _ZEROES))
+        except BaseException:
+            release()
+            raise
+        return Negotiated(export, size_bytes, flags, False, release=release)
 
     def _info_or_go(self, option: int, data: bytes) -> Negotiated | None | bool:
         what = "NBD_OPT_GO" if option == p.OPT_GO else "NBD_OPT_INFO"
@@ -186,9 +214,25 @@ class Handshake:
         name, requests = parsed
         try:
             export, size_bytes = self._resolve(name)
+            release = self._claim(export) if option == p.OPT_GO else None
         except UnknownExportError as exc:
             self._error(option, p.REP_ERR_UNKNOWN, str(exc))
             return True
+        try:
+            self._send_info(option, export, size_bytes, requests)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        if release is None:
+            return True
+        return Negotiated(export, size_bytes, transmission_flags(export, self._structured),
+                          self._structured, block_sizes_agreed=p.INFO_BLOCK_SIZE in requests,
+                          release=release)
+
+    def _send_info(self, option: int, export: ResolvedExport, size_bytes: int,
+                   requests: set[int]) -> None:
+        """The NBD_REP_INFO replies and the final NBD_REP_ACK of NBD_OPT_INFO or GO."""
         flags = transmission_flags(export, self._structured)
         infos = [p.INFO_EXPORT_PAYLOAD.pack(p.INFO_EXPORT, size_bytes, flags)]
         if p.INFO_NAME in requests:
@@ -203,9 +247,6 @@ class Handshake:
         for info in infos:
             self._reply(option, p.REP_INFO, info)
         self._reply(option, p.REP_ACK)
-        if option == p.OPT_INFO:
-            return True
-        return Negotiated(export, size_bytes, flags, self._structured)
 
     def _list(self, data: bytes) -> None:
         if data:

@@ -2,9 +2,10 @@
 
 The minimum block size is the alignment every READ, WRITE, TRIM and WRITE_ZEROES must have
 (512 bytes by default, so sector-aligned clients such as qemu or a loop device work and
-device-mapper devices, which address 512-byte sectors, are never handed a partial sector); the
-preferred block size is the size below which I/O costs a read-modify-write; the maximum payload
-bounds the memory one READ or WRITE can make the server allocate.
+device-mapper devices, which address 512-byte sectors, are not sent partial sectors by clients
+that agreed to the constraints); the preferred block size is the size below which I/O costs a
+read-modify-write; the maximum payload bounds the memory one READ or WRITE can make the server
+allocate.
 """
 
 from __future__ import annotations

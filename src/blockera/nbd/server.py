@@ -1,10 +1,10 @@
 """The NBD server: listeners, the accept loop, the set of live connections, shutdown.
 
-`serve()` starts a server and returns it running; `NbdServer.shutdown()` stops accepting,
-lets every connection finish the requests it has in flight, closes the connections and removes
-the unix socket. One thread accepts on all listeners; each connection has its own threads (see
-`connection` and `transmission`). The server holds its own lock only to track connections,
-never across a device call.
+`serve()` starts a server and returns it running; `NbdServer.shutdown()` stops accepting, lets
+every connection finish the requests it has in flight, closes the connections and removes the
+unix socket. One thread accepts on all listeners; each connection has its own threads (see
+`connection`, `transmission` and `workers`). The server holds its own lock only to track
+connections, never across a device call.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from blockera.nbd.listeners import open_tcp_listener, open_unix_listener
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONNECTIONS = 128
-DEFAULT_WORKERS_PER_CONNECTION = 8
+DEFAULT_WORKERS_PER_CONNECTION = 16
 DEFAULT_HANDSHAKE_TIMEOUT_S = 30.0
 
 
@@ -75,6 +75,7 @@ class NbdServer:
         self._lock = threading.Lock()
         self._connections: set[Connection] = set()
         self._stopping = False
+        self._accepted = 0
         self._accept_thread: threading.Thread | None = None
         self._wake_r, self._wake_w = -1, -1
         self.tcp_address: tuple[str, int] | None = None
@@ -139,11 +140,12 @@ class NbdServer:
             log.warning("accept failed: %s", exc)
             time.sleep(0.05)  # e.g. out of file descriptors: do not spin
             return
+        self._accepted += 1
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = f"{address[0]}:{address[1]}"
+            peer = f"connection {self._accepted} (tcp {address[0]}:{address[1]})"
         else:
-            peer = f"unix:{sock.fileno()}"
+            peer = f"connection {self._accepted} (unix)"
         with self._lock:
             if len(self._connections) >= self._max_connections:
                 log.warning("%s: refused, already %d connections", peer, self._max_connections)

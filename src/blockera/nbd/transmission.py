@@ -6,21 +6,28 @@ then a device flush); simple replies and, when negotiated, structured replies (a
 with one NBD_REPLY_TYPE_OFFSET_DATA chunk, so NBD_CMD_FLAG_DF always holds; errors are
 NBD_REPLY_TYPE_ERROR chunks carrying the message).
 
-Requests are served by a small pool of threads per connection in leader/follower style: one
-thread at a time holds the read lock and receives the next request (a WRITE's payload into
-that thread's own buffer), releases the lock and executes the request, so a pipelining client
-has several requests in flight and replies go out as they complete, matched by cookie. A reply
-is written with one `sendmsg` under the send lock. Threads are started on demand, when every
-existing one is busy, up to `max_workers`. No lock is held across a device call other than the
-calling thread's own request, so a device that blocks (a suspended device-mapper device) only
-holds up the requests sent to it.
+Requests are served by a small pool of threads per connection (`blockera.nbd.workers`): one
+thread at a time receives the next request (a WRITE's payload into that thread's own buffer);
+it executes fast requests itself, and when a request blocks, another thread takes over
+receiving, so a pipelining client has several requests in flight and replies go out as they
+complete, matched by cookie. A reply is written with one `sendmsg` under the send lock; the
+replies of requests executed on the reading thread while more requests are already buffered
+are held back and sent together (one `sendmsg` for up to `_CORK_BUFFERS` buffers or
+`_CORK_BYTES`), at the latest when the reader would wait for the client, when a request is
+handed to another thread, or when the connection ends. No lock is held across a device call,
+so a device that blocks (a suspended device-mapper device, an era device committing its
+metadata) only holds up the requests sent to it.
 
 Validation follows the protocol's error rules: unknown commands or flags, misaligned requests
-and reads/trims beyond the end are NBD_EINVAL; writes beyond the end NBD_ENOSPC; writes to a
-read-only export NBD_EPERM; a READ or WRITE larger than the maximum payload NBD_EINVAL (a
-structured READ NBD_EOVERFLOW) -- an oversized WRITE's payload is read and dropped in bounded
-pieces, so the connection stays in step. A bad request magic is a protocol violation: the
-connection is closed once the requests already in flight have been answered.
+and reads/trims beyond the end are NBD_EINVAL (alignment is checked here only for clients that
+requested NBD_INFO_BLOCK_SIZE with NBD_OPT_GO and so agreed to the constraints; for the others
+the protocol's default minimum block size of 1 applies, and a device that needs aligned I/O,
+such as a device-mapper device, refuses what it cannot do with an EINVAL error of its own);
+writes beyond the end NBD_ENOSPC; writes to a read-only export NBD_EPERM; a READ or WRITE larger
+than the maximum payload NBD_EINVAL (a structured READ NBD_EOVERFLOW) -- an oversized WRITE's
+payload is read and dropped in bounded pieces, so the connection stays in step. A bad request
+magic is a protocol violation: the connection is closed once the requests already in flight have
+been answered.
 """
 
 from __future__ import annotations
@@ -38,10 +45,13 @@ from blockera.nbd.errors import ClientDisconnected, ClientProtocolError, is_unsu
 from blockera.nbd.handshake import Negotiated
 from blockera.nbd.limits import BlockLimits
 from blockera.nbd.wire import SocketReader, send_buffers
+from blockera.nbd.workers import Workers
 
 log = logging.getLogger(__name__)
 
 _KEEP_BUFFER_BYTES = 4 << 20
+_CORK_BUFFERS = 128
+_CORK_BYTES = 256 << 10
 _MAX_ERROR_MESSAGE_BYTES = 1024
 _DATA_CHUNK = struct.Struct(">IHHQIQ")  # structured reply header + OFFSET_DATA offset
 _OK = object()  # marks a request whose validation passed
@@ -86,99 +96,70 @@ class Transmission:
         self._read_only = bool(flags & p.FLAG_READ_ONLY)
         self._fua_ok = bool(flags & p.FLAG_SEND_FUA)
         self._limits = limits
+        self._enforce_alignment = negotiated.block_sizes_agreed
         self._max_payload = limits.max_payload_bytes
-        self._max_workers = max_workers
         self._peer = peer
         self._on_finished = on_finished
-        self._read_lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        self._threads = 1
-        self._busy = 0
-        self._closing = False
         self._send_failed = False
+        self._corked: list[bytes | bytearray | memoryview] = []
+        self._corked_bytes = 0
         self._local = threading.local()
+        reader.before_wait = self._flush_replies
+        self._workers: Workers[_Request] = Workers(
+            receive=self._next_request, execute=self._execute, interrupt=self._abort,
+            max_workers=max_workers, name=f"nbd {peer}", on_finished=self._finished)
 
     # -- life cycle --------------------------------------------------------------------------
     def run(self) -> None:
-        self._worker()
+        self._workers.run()
 
     def stop(self) -> None:
         """Stop reading requests; those in flight are finished and answered, then the
         connection closes."""
-        self._closing = True
+        self._workers.stop()
         try:
             self._sock.shutdown(socket.SHUT_RD)
         except OSError:
             pass
 
     def _abort(self) -> None:
-        self._closing = True
+        self._workers.stop()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
-    def _worker(self) -> None:
+    def _finished(self) -> None:
         try:
-            while True:
-                with self._read_lock:
-                    if self._closing:
-                        return
-                    try:
-                        request = self._receive()
-                    except ClientDisconnected as exc:
-                        self._closing = True
-                        if exc.clean:
-                            log.debug("%s: client disconnected", self._peer)
-                        else:
-                            log.info("%s: client went away: %s", self._peer, exc)
-                        return
-                    except ClientProtocolError as exc:
-                        log.warning("%s: closing the connection: %s", self._peer, exc)
-                        self._closing = True
-                        return
-                    except Exception:
-                        log.exception("%s: receiving a request failed; closing the connection",
-                                      self._peer)
-                        self._abort()
-                        return
-                    if request is None:
-                        self._closing = True
-                        log.debug("%s: NBD_CMD_DISC", self._peer)
-                        return
-                    with self._state_lock:
-                        self._busy += 1
-                        spawn = self._busy == self._threads and \
-                            self._threads < self._max_workers
-                        if spawn:
-                            self._threads += 1
-                    if spawn:
-                        self._spawn()
-                try:
-                    self._execute(request)
-                finally:
-                    with self._state_lock:
-                        self._busy -= 1
+            self._reader.before_wait = None
+            self._flush_replies()
+            self._sock.close()
         finally:
-            self._leave()
+            self._on_finished()
 
-    def _spawn(self) -> None:
+    def _next_request(self) -> _Request | None:
+        """The next request, or None when the connection is over (disconnect, NBD_CMD_DISC,
+        protocol violation)."""
         try:
-            threading.Thread(target=self._worker, name=f"nbd {self._peer}", daemon=True).start()
-        except RuntimeError:
-            with self._state_lock:
-                self._threads -= 1
-
-    def _leave(self) -> None:
-        with self._state_lock:
-            self._threads -= 1
-            last = self._threads == 0
-        if last:
-            try:
-                self._sock.close()
-            finally:
-                self._on_finished()
+            request = self._receive()
+        except ClientDisconnected as exc:
+            if exc.clean:
+                log.debug("%s: client disconnected", self._peer)
+            else:
+                log.info("%s: client went away: %s", self._peer, exc)
+            return None
+        except ClientProtocolError as exc:
+            log.warning("%s: closing the connection: %s", self._peer, exc)
+            return None
+        except Exception:
+            log.exception("%s: receiving a request failed; closing the connection",
+                          self._peer)
+            self._abort()
+            return None
+        if request is None:
+            log.debug("%s: NBD_CMD_DISC", self._peer)
+        return request
 
     # -- receiving ---------------------------------------------------------------------------
     def _payload_buffer(self, length: int) -> memoryview:
@@ -235,7 +216,7 @@ class Transmission:
             return (p.EOVERFLOW if self._structured else p.EINVAL), (
                 f"read of {r.length} bytes exceeds the maximum payload of "
                 f"{self._max_payload} bytes")
-        if self._limits.misaligned(r.offset, r.length, self._size):
+        if self._enforce_alignment and self._limits.misaligned(r.offset, r.length, self._size):
             return p.EINVAL, (f"request at byte {r.offset}, length {r.length} is not aligned "
                               f"to the minimum block size of {self._limits.min_block_bytes}")
         if r.offset + r.length > self._size:
@@ -245,7 +226,10 @@ class Transmission:
         return None
 
     # -- execution ---------------------------------------------------------------------------
-    def _execute(self, r: _Request) -> None:
+    def _execute(self, r: _Request, inline: bool = False) -> None:
+        self._local.inline = inline
+        if not inline and self._corked:
+            self._flush_replies()  # this request may block: send what is held back first
         error = r.error or self._invalid(r)
         if error is not None:
             log.debug("%s: %s refused: %s", self._peer,
@@ -342,12 +326,39 @@ class Transmission:
             self._send([p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, code, cookie)])
 
     def _send(self, buffers: list[bytes | bytearray | memoryview]) -> None:
+        """Send one reply, or hold it back while the reading thread has more requests to
+        execute right away (see the module docstring)."""
+        cork = getattr(self._local, "inline", False) and \
+            self._reader.buffered_bytes >= p.REQUEST.size
         with self._send_lock:
             if self._send_failed:
                 return
-            try:
-                send_buffers(self._sock, buffers)
-            except OSError as exc:
-                self._send_failed = True
-                log.info("%s: cannot send a reply, closing: %s", self._peer, exc)
-                self._abort()
+            if cork or self._corked:
+                self._corked.extend(buffers)
+                for b in buffers:
+                    self._corked_bytes += len(b)
+                if cork and len(self._corked) < _CORK_BUFFERS and \
+                        self._corked_bytes < _CORK_BYTES:
+                    return
+                buffers, self._corked, self._corked_bytes = self._corked, [], 0
+            self._send_now(buffers)
+
+    def _flush_replies(self) -> None:
+        """Send the replies held back, if any."""
+        if not self._corked:
+            return
+        with self._send_lock:
+            if self._send_failed or not self._corked:
+                return
+            buffers, self._corked, self._corked_bytes = self._corked, [], 0
+            self._send_now(buffers)
+
+    def _send_now(self, buffers: list[bytes | bytearray | memoryview]) -> None:
+        """Under the send lock."""
+        try:
+            send_buffers(self._sock, buffers)
+        except OSError as exc:
+            self._send_failed = True
+            self._corked, self._corked_bytes = [], 0
+            log.info("%s: cannot send a reply, closing: %s", self._peer, exc)
+            self._abort()

@@ -3,14 +3,16 @@
 `SocketReader` pulls bytes off the socket in large `recv_into` calls into a preallocated
 buffer, so a pipelining client's requests are usually parsed several per system call, and
 reads large WRITE payloads straight into the caller's buffer. It is not thread-safe: the
-transmission phase serialises readers with its own lock. `send_buffers` writes several buffers
-with one `sendmsg` (header and data without concatenating them).
+transmission phase lets one thread at a time read. `before_wait`, when set, is called just
+before the reader would block waiting for the peer (the transmission phase sends the replies
+it has held back then). `send_buffers` writes several buffers with one `sendmsg` (header and
+data without concatenating them).
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from blockera.nbd.errors import ClientDisconnected
 
@@ -26,6 +28,7 @@ class SocketReader:
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
+        self.before_wait: Callable[[], None] | None = None
 
     @property
     def buffered_bytes(self) -> int:
@@ -41,7 +44,7 @@ class SocketReader:
             self._start, self._end = 0, avail
         while self._end - self._start < need_bytes:
             try:
-                got = self._sock.recv_into(self._view[self._end:])
+                got = self._recv_into(self._view[self._end:])
             except OSError as exc:
                 raise ClientDisconnected(f"receive failed: {exc}") from None
             if got == 0:
@@ -51,6 +54,17 @@ class SocketReader:
                     f"peer closed the connection in the middle of a message "
                     f"({had} of {need_bytes} bytes received)", clean=had == 0)
             self._end += got
+
+    def _recv_into(self, target: memoryview) -> int:
+        """One receive; with `before_wait` set, it is called first if the receive would block
+        (a non-blocking attempt comes first, so it is not called while data is flowing)."""
+        if self.before_wait is None:
+            return self._sock.recv_into(target)
+        try:
+            return self._sock.recv_into(target, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            self.before_wait()
+            return self._sock.recv_into(target)
 
     def take(self, n_bytes: int) -> memoryview:
         """The next `n_bytes` (at most the buffer size) as a view into the buffer, valid until
@@ -80,6 +94,8 @@ class SocketReader:
         done = min(avail, n_bytes)
         target[:done] = self._view[self._start:self._start + done]
         self._start += done
+        if done < n_bytes and self.before_wait is not None:
+            self.before_wait()
         while done < n_bytes:
             try:
                 got = self._sock.recv_into(target[done:], n_bytes - done, socket.MSG_WAITALL)

@@ -1,0 +1,197 @@
+"""The threads of one connection (`blockera.nbd.workers`) and the replies held back while the
+reading thread has more requests buffered: blocked requests never hold up the others,
+concurrency is bounded, shutdown waits for requests in flight, and no reply is held back
+while the server waits."""
+
+from __future__ import annotations
+
+import queue
+import struct
+import threading
+import time
+
+from blockera.blockdev import MemoryDevice
+from blockera.nbd.workers import Workers
+
+from .conftest import wait_until
+from .rawclient import CMD_READ, REQUEST_MAGIC, RawClient
+
+MiB = 1 << 20
+
+
+class Harness:
+    """Requests come from a queue (None ends the connection); `execute` runs `behaviour`."""
+
+    def __init__(self, max_workers: int) -> None:
+        self.requests: queue.Queue[str | None] = queue.Queue()
+        self.gates: dict[str, threading.Event] = {}
+        self.lock = threading.Lock()
+        self.executing = 0
+        self.most_at_once = 0
+        self.done: list[str] = []
+        self.receives = 0
+        self.finished = threading.Event()
+        self.finish_calls = 0
+        self.workers: Workers[str] = Workers(receive=self.receive, execute=self.execute,
+                                             interrupt=lambda: self.requests.put(None),
+                                             max_workers=max_workers, name="test",
+                                             on_finished=self.on_finished)
+        self.thread = threading.Thread(target=self.workers.run, daemon=True)
+
+    def receive(self) -> str | None:
+        with self.lock:
+            self.receives += 1
+        return self.requests.get(timeout=30)
+
+    def execute(self, request: str, inline: bool) -> None:
+        with self.lock:
+            self.executing += 1
+            self.most_at_once = max(self.most_at_once, self.executing)
+        try:
+            if request == "boom":
+                raise RuntimeError("a bug")
+            gate = self.gates.get(request)
+            if gate is not None:
+                assert gate.wait(30)
+        finally:
+            with self.lock:
+                self.executing -= 1
+                self.done.append(request)
+
+    def on_finished(self) -> None:
+        with self.lock:
+            self.finish_calls += 1
+        self.finished.set()
+
+    def gate(self, request: str) -> threading.Event:
+        self.gates[request] = threading.Event()
+        return self.gates[request]
+
+    def feed(self, *requests: str | None) -> None:
+        for r in requests:
+            self.requests.put(r)
+
+
+def test_a_blocked_request_does_not_hold_up_the_others() -> None:
+    h = Harness(max_workers=4)
+    gate = h.gate("slow")
+    h.thread.start()
+    h.feed("slow", "a", "b", "c")
+    wait_until(lambda: {"a", "b", "c"} <= set(h.done))
+    assert "slow" not in h.done and h.executing == 1
+    gate.set()
+    wait_until(lambda: "slow" in h.done)
+    h.feed(None)
+    assert h.finished.wait(10)
+    h.thread.join(10)
+    assert h.finish_calls == 1 and h.workers.thread_count == 0
+
+
+def test_requests_in_the_device_are_bounded_by_max_workers() -> None:
+    h = Harness(max_workers=3)
+    names = [f"r{i}" for i in range(10)]
+    gates = [h.gate(n) for n in names]
+    h.thread.start()
+    h.feed(*names)
+    wait_until(lambda: h.executing == 3)
+    time.sleep(0.1)  # give a fourth thread every chance to appear
+    assert h.executing == 3 and h.workers.thread_count == 3
+    for g in gates:
+        g.set()
+    wait_until(lambda: len(h.done) == 10)
+    assert h.most_at_once == 3
+    h.feed(None)
+    assert h.finished.wait(10)
+
+
+def test_one_worker_serves_requests_one_at_a_time_in_order() -> None:
+    h = Harness(max_workers=1)
+    names = [f"r{i}" for i in range(50)]
+    h.thread.start()
+    h.feed(*names, None)
+    assert h.finished.wait(10)
+    assert h.done == names and h.most_at_once == 1
+
+
+def test_stop_receives_nothing_more_and_waits_for_requests_in_flight() -> None:
+    h = Harness(max_workers=4)
+    gate = h.gate("slow")
+    h.thread.start()
+    h.feed("slow")
+    wait_until(lambda: h.executing == 1 and h.receives == 2)  # the reader waits for more
+    h.workers.stop()
+    h.feed("in-flight", "later")   # the receive under way completes; no new one starts
+    wait_until(lambda: "in-flight" in h.done)
+    time.sleep(0.1)
+    assert not h.finished.is_set()
+    gate.set()
+    assert h.finished.wait(10)
+    assert sorted(h.done) == ["in-flight", "slow"] and h.receives == 2
+    assert h.finish_calls == 1
+
+
+def test_an_unexpected_error_in_a_request_ends_the_connection() -> None:
+    h = Harness(max_workers=2)
+    h.thread.start()
+    h.feed("ok", "boom")        # then nothing: a receive under way must be interrupted
+    assert h.finished.wait(10)
+    assert sorted(h.done) == ["boom", "ok"] and h.finish_calls == 1
+
+
+class GatedDevice(MemoryDevice):
+    """Reads at offset 0 wait for `gate`."""
+
+    def __init__(self, size_bytes: int) -> None:
+        super().__init__(size_bytes)
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def read(self, offset_bytes: int, length_bytes: int) -> bytes:
+        if offset_bytes == 0:
+            self.waiting.set()
+            assert self.gate.wait(20)
+        return super().read(offset_bytes, length_bytes)
+
+
+def _requests(*reqs: tuple[int, int, int, int]) -> bytes:
+    return b"".join(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, command, cookie, offset, length)
+                    for command, cookie, offset, length in reqs)
+
+
+def test_a_reply_is_not_held_back_behind_a_blocked_request(start_server) -> None:
+    device = GatedDevice(MiB)
+    device.data[4096:4100] = b"fast"
+    server = start_server({"disk": device})
+    c = RawClient(server.unix_path)
+    try:
+        c.connect_export("disk")
+        # One send: the fast read is executed with the blocked one already buffered.
+        c.sock.sendall(_requests((CMD_READ, 1, 4096, 4), (CMD_READ, 2, 0, 4)))
+        assert c.simple_reply(4) == (0, 1, b"fast")       # while the other is blocked
+        assert device.waiting.wait(10)
+        device.gate.set()
+        assert c.simple_reply(4) == (0, 2, bytes(4))
+    finally:
+        device.gate.set()
+        c.close()
+
+
+def test_pipelined_requests_all_get_their_replies(start_server) -> None:
+    device = MemoryDevice(4 * MiB)
+    for i in range(1024):
+        device.data[i * 4096:i * 4096 + 8] = struct.pack(">Q", i)
+    server = start_server({"disk": device})
+    c = RawClient(server.unix_path)
+    try:
+        c.connect_export("disk")
+        for burst in range(4):
+            cookies = range(burst * 256, burst * 256 + 256)
+            c.sock.sendall(_requests(*((CMD_READ, i, (i % 1024) * 4096, 8) for i in cookies)))
+            replies = {}
+            for _ in cookies:
+                error, cookie, data = c.simple_reply(8)
+                assert error == 0
+                replies[cookie] = data
+            assert replies == {i: struct.pack(">Q", i % 1024) for i in cookies}
+    finally:
+        c.close()
