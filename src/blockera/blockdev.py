@@ -82,6 +82,10 @@ class BlockDevice(ABC):
         self.close()
 
 
+def _errno_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, "EIO")
+
+
 def _device_size(fd: int, mode: int) -> int:
     if stat.S_ISBLK(mode):
         buf = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
@@ -137,15 +141,20 @@ class FileDevice(BlockDevice):
 
     def read(self, offset_bytes: int, length_bytes: int) -> bytes:
         self.check_range(offset_bytes, length_bytes)
-        if self.direct:
-            return self._direct_read(offset_bytes, length_bytes)
-        data = os.pread(self._fd, length_bytes, offset_bytes)
-        while len(data) < length_bytes:  # short reads only happen at EOF races or signals
-            more = os.pread(self._fd, length_bytes - len(data), offset_bytes + len(data))
-            if not more:
-                raise DeviceError(f"{self.name}: short read at byte {offset_bytes + len(data)}")
-            data += more
-        return data
+        try:
+            if self.direct:
+                return self._direct_read(offset_bytes, length_bytes)
+            data = os.pread(self._fd, length_bytes, offset_bytes)
+            while len(data) < length_bytes:  # short reads only happen at EOF races or signals
+                more = os.pread(self._fd, length_bytes - len(data), offset_bytes + len(data))
+                if not more:
+                    raise DeviceError(f"{self.name}: short read at byte "
+                                      f"{offset_bytes + len(data)}")
+                data += more
+            return data
+        except OSError as exc:
+            raise DeviceError(f"{self.name}: read failed at byte {offset_bytes}: "
+                              f"{exc.strerror}", errno_name=_errno_name(exc)) from None
 
     def _direct_read(self, offset_bytes: int, length_bytes: int) -> bytes:
         start = offset_bytes - offset_bytes % _DIRECT_ALIGN
@@ -178,7 +187,7 @@ class FileDevice(BlockDevice):
                 raise NoSpaceError(f"{self.name}: no space left for a write at byte "
                                    f"{offset_bytes + done}") from None
             raise DeviceError(f"{self.name}: write failed at byte {offset_bytes + done}: "
-                              f"{exc.strerror}") from None
+                              f"{exc.strerror}", errno_name=_errno_name(exc)) from None
 
     def _direct_write(self, offset_bytes: int, data: bytes | bytearray | memoryview) -> None:
         start = offset_bytes - offset_bytes % _DIRECT_ALIGN
@@ -191,7 +200,7 @@ class FileDevice(BlockDevice):
             os.pwritev(self._fd, [buf], start)
         except OSError as exc:
             raise DeviceError(f"{self.name}: write failed at byte {offset_bytes}: "
-                              f"{exc.strerror}") from None
+                              f"{exc.strerror}", errno_name=_errno_name(exc)) from None
         finally:
             buf.close()
 
