@@ -29,9 +29,7 @@ from blockera.pdata.transaction import TransactionManager
 ENTRIES_PER_BITMAP = 16320  # (4096 - 16) * 4
 MAX_BITMAPS = 255
 MAX_METADATA_BLOCKS = MAX_BITMAPS * ENTRIES_PER_BITMAP
-WORDS_PER_BITMAP = ENTRIES_PER_BITMAP // 32
 SM_ROOT_BYTES = 32
-_SHIFTS = (np.arange(32, dtype=np.uint64) * np.uint64(2))
 
 _ROOT = struct.Struct("<QQQQ")
 _INDEX_ENTRY = struct.Struct("<QII")
@@ -66,21 +64,23 @@ def nr_bitmaps(nr_blocks: int) -> int:
 
 def decode_bitmap(block: bytes | bytearray | memoryview, count: int = ENTRIES_PER_BITMAP
                   ) -> np.ndarray:
-    """The first `count` two-bit entries of a bitmap block as uint8 values 0..3 (bit 2e of a
-    word is the high bit of entry e, bit 2e+1 the low bit)."""
-    words = np.frombuffer(block, dtype="<u8", count=WORDS_PER_BITMAP, offset=16)
-    hi = (words[:, None] >> _SHIFTS) & np.uint64(1)
-    lo = (words[:, None] >> (_SHIFTS + np.uint64(1))) & np.uint64(1)
-    return ((hi << np.uint64(1)) | lo).astype(np.uint8).reshape(-1)[:count]
+    """The first `count` two-bit entries of a bitmap block as uint8 values 0..3. Entry e sits
+    in byte e // 4 at bits 2 * (e % 4) and up, its high bit first (the kernel's test_bit_le of
+    bit 2e is the high bit, of 2e + 1 the low bit)."""
+    data = np.frombuffer(block, dtype=np.uint8, count=ENTRIES_PER_BITMAP // 4, offset=16)
+    pairs = np.empty((len(data), 4), dtype=np.uint8)
+    for i, shift in enumerate((0, 2, 4, 6)):
+        pairs[:, i] = (data >> shift) & 3
+    pairs = pairs.reshape(-1)[:count]
+    return ((pairs & 1) << 1) | (pairs >> 1)
 
 
 def encode_bitmap(values: np.ndarray) -> bytes:
     """Pack up to 16320 counts (clipped to 3) into a bitmap block's 4080 data bytes."""
-    v = np.zeros(ENTRIES_PER_BITMAP, dtype=np.uint64)
+    v = np.zeros(ENTRIES_PER_BITMAP, dtype=np.uint8)
     v[: len(values)] = np.minimum(values, 3)
-    v = v.reshape(WORDS_PER_BITMAP, 32)
-    words = (((v >> np.uint64(1)) & np.uint64(1)) << _SHIFTS) | ((v & np.uint64(1)) << (_SHIFTS + np.uint64(1)))
-    return np.bitwise_or.reduce(words, axis=1).astype("<u8").tobytes()
+    pairs = (((v >> 1) & 1) | ((v & 1) << 1)).reshape(-1, 4)
+    return (pairs[:, 0] | (pairs[:, 1] << 2) | (pairs[:, 2] << 4) | (pairs[:, 3] << 6)).tobytes()
 
 
 def _u32_value(count: int) -> bytes:
