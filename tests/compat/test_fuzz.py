@@ -34,6 +34,7 @@ from blockera.era.xml_parse import parse_era_xml_bytes
 from blockera.pdata.checksum import (ARRAY_BLOCK, BITMAP_BLOCK, BTREE_NODE, INDEX_BLOCK,
                                      block_checksum)
 from blockera.era.superblock import SUPERBLOCK
+from blockera.pdata.btree import Node
 from tests.conftest import have_era_tools
 from tests.era.model import Desc
 
@@ -210,3 +211,25 @@ def test_mutated_images_never_crash_or_write(case: str, tmp_path: Path) -> None:
                     raise AssertionError(f"{what}: we report damage 0.9.0 accepts: {extra}")
     if differential:
         assert compared >= MUTANTS_PER_CASE // DIFFERENTIAL_EVERY - 5
+
+
+def test_a_node_of_another_tree_kind_is_damage_not_a_crash(tmp_path: Path) -> None:
+    """A writeset whose bitset root points at the writeset tree's own leaf (12-byte values,
+    where an array index has 8): found by the mutation fuzzer; 0.9.0's era_check aborts on
+    it (an assertion in boost::optional), blockera reports the damage."""
+    image = bytearray(base_images()["many-writesets"])
+    leaf = EraImage(MemoryDevice(data=bytes(image))).sb.writeset_tree_root
+    while not (node := Node(image[leaf * 4096: (leaf + 1) * 4096])).is_leaf:
+        leaf = node.child(0)
+    off = leaf * 4096
+    values_at = off + 32 + 8 * node.max_entries
+    struct.pack_into("<Q", image, values_at + 4, leaf)     # first record: nr_bits u32, root u64
+    struct.pack_into("<I", image, off, block_checksum(image[off: off + 4096], BTREE_NODE.xor))
+    ok, errors = run_tools(bytes(image), random.Random(0))
+    assert not ok
+    assert any("is a node of another kind of tree" in e for e in errors), errors
+    if have_era_tools():
+        path = tmp_path / "mutant.img"
+        path.write_bytes(bytes(image))
+        assert subprocess.run(["era_check", "-q", str(path)], capture_output=True,
+                              timeout=60).returncode != 0

@@ -69,6 +69,8 @@ class EraChecker:
         self.report = CheckReport()
         self.refs = np.zeros(self.bm.nr_blocks, dtype=np.int64)
         self.heights: dict[int, int] = {}
+        # for each validated node: the leaf value size it was validated for, and its key span
+        self.validated_as: dict[int, tuple[int, int | None, int | None]] = {}
         self.in_progress: set[int] = set()
         self.subtree_leaves: dict[int, list[int]] = {}
         self.leaf_data: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -134,6 +136,16 @@ class EraChecker:
             raise _Damage()
         self.refs[loc] += 1
         if loc in self.heights:
+            # a node reached again (shared by two trees, or a corrupt pointer): it must fit
+            # here as well as where it was first validated
+            value_size_then, first, last = self.validated_as[loc]
+            if value_size_then != value_size:
+                self.error(f"{what}: block {loc} is a node of another kind of tree (leaf "
+                           f"values of {value_size_then} bytes, {value_size} expected here)")
+                raise _Damage()
+            if first is not None and (first < lo or (hi is not None and last >= hi)):
+                self.error(f"{what}: block {loc}: keys outside the range its parent gives it")
+                raise _Damage()
             return self.heights[loc]
         if loc in self.in_progress or depth >= MAX_DEPTH:
             self.error(f"{what}: cycle through block {loc}")
@@ -198,6 +210,8 @@ class EraChecker:
         finally:
             self.in_progress.discard(loc)
         self.heights[loc] = height
+        self.validated_as[loc] = (value_size, int(keys[0]) if n else None,
+                                  int(keys[-1]) if n else None)
         return height
 
     # -- arrays ----------------------------------------------------------------------------------
