@@ -13,9 +13,15 @@ Steps (tuples):
   ("invalidate", disk, since, snapshot)   recorded: blockera's reading of the metadata disk
   ("dump", disk)                  recorded: sha256 of `era dump --logical` of the metadata disk
   ("check", disk)                 recorded: blockera's full check of the metadata disk
+  ("cow", disk)                   recorded: blockera's reading of a COW (header, changed chunks)
+  ("discard", dev, offset_bytes, length_bytes)   one discard
+  ("wait_merge", dev)             wait until a snapshot-merge device has merged everything (or
+                                  failed), then record its status
 
 A failing step records "ERROR <errno>: <reason>" (the reason as the target gave it) and the run
 goes on. The runner is run in the guest as `python3 -m tests.kernel.scenarios PLAN OUT`.
+
+The scenarios themselves are in era_scenarios.py and snapshot_scenarios.py.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,156 +50,22 @@ class Scenario:
     handoff_after: int | None = None   # split point for engine-to-engine handoff tests
     notes: str = ""
     metadata_disks: list[str] = field(default_factory=lambda: ["meta"])
+    # disks whose contents pass from the first half to the second (default: metadata_disks)
+    carried: list[str] | None = None
+    # steps that bring the devices back up for the second half (default: the era device's
+    # first create step)
+    resume_steps: list[tuple] | None = None
+
+    @property
+    def carried_disks(self) -> list[str]:
+        return self.metadata_disks if self.carried is None else self.carried
 
 
-def _era(bs: int, sectors: int = 65536) -> str:
-    return f"0 {sectors} era {{meta}} {{origin}} {bs}"
+def all_scenarios() -> list[Scenario]:
+    from .era_scenarios import ERA_SCENARIOS
+    from .snapshot_scenarios import SNAPSHOT_SCENARIOS
 
-
-TRACE = [
-    ("create", "era", _era(128)), ("status", "era"),
-    ("write", "era", K64, [3], 1), ("write", "era", K64, [200], 2), ("write", "era", K64, [201], 3),
-    ("status", "era"), ("message", "era", "checkpoint"), ("status", "era"),
-    ("write", "era", K64, [5], 4), ("write", "era", K64, [3], 5), ("status", "era"),
-    ("message", "era", "take_metadata_snap"), ("status", "era"),
-    ("invalidate", "meta", 1, True),
-    ("write", "era", K64, [7], 6), ("status", "era"),
-    ("message", "era", "drop_metadata_snap"), ("status", "era"),
-    ("message", "era", "CHECKPOINT"), ("status", "era"), ("table", "era"),
-    ("sha", "era"), ("remove", "era"), ("check", "meta"), ("dump", "meta"),
-]
-
-SCENARIOS: list[Scenario] = [
-    Scenario("status-trace-128", {"meta": 8 * MiB, "origin": 32 * MiB}, TRACE,
-             handoff_after=11, notes="specs §12, one bio per block"),
-    Scenario("block-size-8", {"meta": 4 * MiB, "origin": 16 * MiB}, [
-        ("create", "era", _era(8, 32768)), ("status", "era"),
-        ("write", "era", 4096, [0, 1, 2, 100, 4095], 7), ("status", "era"),
-        ("message", "era", "checkpoint"), ("write", "era", 4096, [1, 2000], 8),
-        ("message", "era", "take_metadata_snap"), ("status", "era"),
-        ("invalidate", "meta", 0, True), ("invalidate", "meta", 2, True),
-        ("message", "era", "drop_metadata_snap"), ("status", "era"), ("sha", "era"),
-        ("remove", "era"), ("check", "meta"), ("dump", "meta")], handoff_after=6),
-    Scenario("block-size-24", {"meta": 4 * MiB, "origin": 16 * MiB}, [
-        ("create", "era", _era(24, 32760)), ("status", "era"),
-        ("write_at", "era", 71 * 512, 512, 9), ("write_at", "era", 72 * 512, 512, 10),
-        ("write_at", "era", 24 * 512 * 40 + 4096, 4096, 11),
-        ("message", "era", "take_metadata_snap"), ("status", "era"),
-        ("invalidate", "meta", 1, True), ("message", "era", "drop_metadata_snap"),
-        ("table", "era"), ("sha", "era"), ("remove", "era"), ("dump", "meta")],
-        notes="not a power of two: sector 71 is block 2, sector 72 block 3"),
-    Scenario("block-size-4096", {"meta": 4 * MiB, "origin": 128 * MiB}, [
-        ("create", "era", _era(4096, 262144)), ("status", "era"),
-        ("write_at", "era", 30 * 2 * MiB, 64 << 10, 12),
-        ("write_at", "era", 49 * 2 * MiB + MiB, 64 << 10, 13),
-        ("message", "era", "checkpoint"), ("status", "era"),
-        ("write_at", "era", 0, 4096, 14),
-        ("message", "era", "take_metadata_snap"), ("status", "era"),
-        ("invalidate", "meta", 1, True), ("invalidate", "meta", 2, True),
-        ("message", "era", "drop_metadata_snap"), ("remove", "era"), ("dump", "meta")],
-        handoff_after=5),
-    Scenario("checkpoints-without-writes", {"meta": 4 * MiB, "origin": 16 * MiB}, [
-        ("create", "era", _era(128, 32768)),
-        ("message", "era", "checkpoint"), ("status", "era"),
-        ("message", "era", "checkpoint"), ("message", "era", "checkpoint"), ("status", "era"),
-        ("write", "era", K64, [10], 15), ("message", "era", "checkpoint"), ("status", "era"),
-        ("message", "era", "take_metadata_snap"), ("status", "era"),
-        ("invalidate", "meta", 4, True), ("invalidate", "meta", 5, True),
-        ("message", "era", "drop_metadata_snap"), ("remove", "era"), ("check", "meta")]),
-    Scenario("snapshot-held-across-writes", {"meta": 4 * MiB, "origin": 32 * MiB}, [
-        ("create", "era", _era(128)),
-        ("write", "era", K64, [1, 2, 3], 16), ("message", "era", "take_metadata_snap"),
-        ("status", "era"),
-        ("write", "era", K64, [4, 5, 300], 17), ("message", "era", "checkpoint"),
-        ("write", "era", K64, [6], 18), ("status", "era"),
-        ("invalidate", "meta", 1, True), ("status", "era"),
-        ("message", "era", "drop_metadata_snap"), ("message", "era", "take_metadata_snap"),
-        ("status", "era"), ("invalidate", "meta", 1, True), ("invalidate", "meta", 3, True),
-        ("message", "era", "drop_metadata_snap"), ("remove", "era"), ("check", "meta"),
-        ("dump", "meta")], handoff_after=4),
-    Scenario("reload", {"meta": 4 * MiB, "origin": 32 * MiB}, [
-        ("create", "era", _era(128)), ("write", "era", K64, [8], 19), ("status", "era"),
-        ("suspend", "era"), ("load", "era", _era(128)), ("resume", "era"), ("status", "era"),
-        ("write", "era", K64, [9], 20), ("load", "era", _era(128)), ("resume", "era"),
-        ("status", "era"), ("message", "era", "take_metadata_snap"),
-        ("invalidate", "meta", 1, True), ("invalidate", "meta", 3, True),
-        ("message", "era", "drop_metadata_snap"), ("remove", "era"), ("check", "meta")],
-        notes="reload while suspended, and reload of a live device (the kernel's reload race)"),
-    Scenario("remove-recreate", {"meta": 4 * MiB, "origin": 32 * MiB}, [
-        ("create", "era", _era(128)), ("write", "era", K64, [11, 12], 21), ("remove", "era"),
-        ("create", "era", _era(128)), ("status", "era"), ("write", "era", K64, [13], 22),
-        ("remove", "era"), ("create", "era", _era(128)), ("status", "era"),
-        ("message", "era", "take_metadata_snap"), ("invalidate", "meta", 1, True),
-        ("invalidate", "meta", 3, True), ("message", "era", "drop_metadata_snap"),
-        ("remove", "era"), ("check", "meta"), ("dump", "meta")], handoff_after=3),
-    Scenario("suspend-resume", {"meta": 4 * MiB, "origin": 32 * MiB}, [
-        ("create", "era", _era(128)), ("write", "era", K64, [14], 23), ("suspend", "era"),
-        ("resume", "era"), ("status", "era"), ("suspend", "era"), ("resume", "era"),
-        ("status", "era"), ("write", "era", K64, [14, 15], 24), ("status", "era"),
-        ("remove", "era"), ("check", "meta"), ("dump", "meta")]),
-    Scenario("resize", {"meta": 4 * MiB, "origin": 64 * MiB}, [
-        ("create", "era", _era(128)), ("write", "era", K64, [511], 25), ("status", "era"),
-        ("load", "era", _era(128, 65544)), ("resume", "era"), ("status", "era"),
-        ("write_at", "era", 512 * K64, 4096, 26),
-        ("load", "era", _era(128, 131072)), ("resume", "era"), ("status", "era"),
-        ("load", "era", _era(128, 32768)), ("resume", "era"), ("status", "era"),
-        ("message", "era", "take_metadata_snap"), ("invalidate", "meta", 0, True),
-        ("message", "era", "drop_metadata_snap"), ("remove", "era"), ("check", "meta")],
-        notes="512 -> 513 -> 1024 -> 256 blocks (specs §11.11)"),
-    Scenario("shrink-to-array-block-multiple", {"meta": 4 * MiB, "origin": 16 * MiB}, [
-        ("create", "era", _era(8, 1020 * 8)), ("write", "era", 4096, [1019], 27),
-        ("load", "era", _era(8, 1018 * 8)), ("resume", "era"), ("status", "era"),
-        ("message", "era", "checkpoint"), ("status", "era"), ("remove", "era"),
-        ("check", "meta"), ("dump", "meta")],
-        notes="dm_array_resize leaves the old partial tail block (0.9.0 tools reject this)"),
-    Scenario("seed-000-stack", {"sdb": 256 * MiB, "sdc": 256 * MiB}, [
-        ("create", "era-meta", "0 256 linear {sdb} 0"),
-        ("create", "era", "0 524288 era /dev/mapper/era-meta {sdc} 4096"),
-        ("create", "era-access", "0 256 linear /dev/mapper/era-meta 0"),
-        ("status", "era"), ("table", "era"), ("table", "era-access"),
-        ("message", "era", "take_metadata_snap"), ("status", "era"),
-        ("message", "era", "drop_metadata_snap"),
-        ("write_at", "era", 60 * MiB, MiB, 28), ("write_at", "era", 62 * MiB, MiB, 29),
-        ("message", "era", "take_metadata_snap"), ("status", "era"),
-        ("invalidate", "sdb", 1, True), ("message", "era", "drop_metadata_snap"),
-        ("message", "era", "drop_metadata_snap"),
-        ("remove", "era-meta"), ("remove", "era-access"), ("remove", "era"),
-        ("remove", "era-meta"), ("check", "sdb")], metadata_disks=["sdb"]),
-    Scenario("constructor-errors", {"meta": 4 * MiB, "origin": 16 * MiB}, [
-        ("create", "era", "0 32768 era {meta} {origin}"),
-        ("create", "era", "0 32768 era {meta} {origin} 128 1"),
-        ("create", "era", "0 32768 era {meta} {origin} 128k"),
-        ("create", "era", "0 32768 era {meta} {origin} 7"),
-        ("create", "era", "0 32768 era {meta} {origin} 0"),
-        ("create", "era", _era(128, 32768)), ("remove", "era"),
-        ("create", "era", _era(256, 32768)),
-        ("create", "era", _era(128, 32768)), ("status", "era"), ("remove", "era")]),
-    Scenario("message-errors", {"meta": 4 * MiB, "origin": 16 * MiB}, [
-        ("create", "era", _era(128, 32768)),
-        ("message", "era", "bogus"), ("message", "era", "checkpoint", "now"),
-        ("message", "era", "drop_metadata_snap"), ("status", "era"),
-        ("message", "era", "take_metadata_snap"), ("message", "era", "take_metadata_snap"),
-        ("status", "era"), ("message", "era", "drop_metadata_snap"),
-        ("message", "era", "Drop_Metadata_Snap"), ("status", "era"), ("remove", "era")]),
-    Scenario("many-blocks", {"meta": 16 * MiB, "origin": 1024 * MiB}, [
-        ("create", "era", _era(8, 2 * 1024 * 1024)), ("status", "era"),
-        ("write", "era", 4096, [0, 1017, 1018, 100000, 262143], 30), ("status", "era"),
-        ("message", "era", "checkpoint"), ("status", "era"),
-        ("write", "era", 4096, [5, 200000], 31),
-        ("message", "era", "take_metadata_snap"), ("status", "era"),
-        ("invalidate", "meta", 1, True), ("message", "era", "drop_metadata_snap"),
-        ("remove", "era"), ("check", "meta")], handoff_after=6,
-        notes="262144 blocks: a 258-block era array under a two-level btree"),
-    Scenario("pending-writesets", {"meta": 4 * MiB, "origin": 32 * MiB}, [
-        ("create", "era", _era(8)),
-        ("write", "era", 4096, [1], 32), ("message", "era", "checkpoint"),
-        ("write", "era", 4096, [2], 33), ("message", "era", "checkpoint"),
-        ("write", "era", 4096, [3], 34), ("message", "era", "checkpoint"),
-        ("write", "era", 4096, [1, 4], 35), ("message", "era", "take_metadata_snap"),
-        ("status", "era"), ("invalidate", "meta", 2, True), ("invalidate", "meta", 4, True),
-        ("message", "era", "drop_metadata_snap"), ("status", "era"), ("remove", "era"),
-        ("check", "meta"), ("dump", "meta")]),
-]
+    return ERA_SCENARIOS + SNAPSHOT_SCENARIOS
 
 
 # -- the runner ------------------------------------------------------------------------------------
@@ -206,7 +79,8 @@ def _data(seed: int, length: int) -> bytes:
 
 
 _ERRNO_WORDS = ("Invalid argument: ", "No space left on device: ", "Device or resource busy: ",
-                "Input/output error: ")
+                "Input/output error: ", "No such device or address: ")
+MERGE_WAIT_SECONDS = 120
 
 
 def _reason(text: str) -> str:
@@ -307,11 +181,45 @@ class Runner:
                 for off in range(0, device.size_bytes, 4 * MiB):
                     digest.update(device.read(off, min(4 * MiB, device.size_bytes - off)))
             return digest.hexdigest()
+        elif op == "discard":
+            offset, length = args
+            with e.device(dev) as device:
+                device.discard(offset, length)
+        elif op == "wait_merge":
+            return self._wait_merge(dev)
         elif op in ("invalidate", "dump", "check"):
             return self._metadata(op, dev, args)
+        elif op == "cow":
+            return self._cow(dev)
         else:
             raise ValueError(f"unknown step {op!r}")
         return None
+
+    def _wait_merge(self, dev: str) -> str:
+        """Poll the status until sectors_allocated == metadata_sectors (the merge is done), or
+        the status is no longer a usage line (Invalid, Merge failed, Overflow)."""
+        deadline = time.monotonic() + MERGE_WAIT_SECONDS
+        while True:
+            self.engine.settle()
+            text = self.engine.status(dev).rstrip("\n")
+            usage = re.search(r" (\d+)/\d+ (\d+)$", text)
+            if not usage or usage.group(1) == usage.group(2) or time.monotonic() > deadline:
+                return text
+            time.sleep(0.05)
+
+    def _cow(self, disk: str) -> str:
+        from blockera.blockdev import FileDevice
+        from blockera.snapshot import changed_chunks, read_cow
+
+        with FileDevice(self.disks[disk], writable=False, direct=True) as dev:
+            image = read_cow(dev, lenient=True)
+        if image.table is None:
+            return f"unreadable: {image.error}"
+        header = image.header
+        result = changed_chunks(image)
+        return json.dumps({"valid": header.valid, "chunk_sectors": header.chunk_sectors,
+                           "exceptions": len(image.table), "ranges": result.ranges(),
+                           "error": image.error})
 
     def _metadata(self, op: str, disk: str, args: tuple) -> str:
         from blockera.blockdev import FileDevice
@@ -334,7 +242,7 @@ class Runner:
 
 
 def by_name(name: str) -> Scenario:
-    return next(s for s in SCENARIOS if s.name == name)
+    return next(s for s in all_scenarios() if s.name == name)
 
 
 def steps_for(scenario: Scenario, part: str) -> list[tuple]:
@@ -347,6 +255,8 @@ def steps_for(scenario: Scenario, part: str) -> list[tuple]:
     live = [d for d in live if not any(s[0] == "remove" and s[1] == d for s in head)]
     if part == "first":
         return head + [("remove", d) for d in reversed(live)]
+    if scenario.resume_steps is not None:
+        return scenario.resume_steps + scenario.steps[cut:]
     table = next(s[2] for s in head if s[0] == "create" and s[1] == "era")
     return [("create", "era", table)] + scenario.steps[cut:]
 
@@ -375,7 +285,7 @@ def _guest_main(plan_path: str, out_path: str) -> None:
                 f.truncate(size)
             source = sources.get(key)
             given = (share / "out" / source if source else share / "images" / key) / f"{name}.img"
-            if name in scenario.metadata_disks and given.exists():
+            if name in scenario.carried_disks and given.exists():
                 shutil.copyfile(given, image)
             loop = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True,
                                   text=True, check=True).stdout.strip()
@@ -391,7 +301,7 @@ def _guest_main(plan_path: str, out_path: str) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, loop in paths.items():
             subprocess.run(["losetup", "-d", loop], check=False)
-            if name in scenario.metadata_disks:
+            if name in scenario.carried_disks:
                 shutil.copyfile(scratch / f"{job['key']}-{name}.img", out_dir / f"{name}.img")
             (scratch / f"{job['key']}-{name}.img").unlink()
     Path(out_path).write_text(json.dumps(results, indent=1))

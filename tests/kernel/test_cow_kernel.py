@@ -38,7 +38,8 @@ from blockera.snapshot.store import ExceptionStore
 
 from .guest import KernelGuest, create_disk_image, file_lock
 
-pytestmark = pytest.mark.kernel
+# one worker runs the whole module: its fixture boots the guest once for all of them
+pytestmark = [pytest.mark.kernel, pytest.mark.xdist_group("cow-kernel")]
 
 KiB = 1024
 MiB = 1024 * KiB

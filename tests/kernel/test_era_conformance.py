@@ -1,95 +1,26 @@
 """The era target: blockera's userspace engine and the real kernel give identical results for
-every scenario in `scenarios.SCENARIOS` (status lines, tables, errors, what the metadata says,
-device contents), and each engine continues from metadata the other one wrote.
-
-One guest boot runs every kernel job:
-  NAME        the whole scenario;
-  NAME@u2     the second half, on metadata the userspace engine wrote in the first half;
-  NAME@k1     the first half (its metadata comes back to the host);
-  NAME@k2     the second half on NAME@k1's metadata, for comparison with the userspace engine
-              continuing from the same metadata.
-"""
+every scenario in `era_scenarios` (status lines, tables, errors, what the metadata says,
+device contents), and each engine continues from metadata the other one wrote (see
+`conformance` for the jobs one guest boot runs)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from blockera.dm.engine import Engine
-
+from .conformance import run_conformance
+from .era_scenarios import ERA_SCENARIOS as SCENARIOS
 from .guest import KernelGuest
-from .scenarios import SCENARIOS, Runner, Scenario, steps_for
 
-pytestmark = pytest.mark.kernel
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _host_disks(directory: Path, scenario: Scenario, metadata_from: Path | None = None
-                ) -> dict[str, str]:
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, size in scenario.disks.items():
-        image = directory / f"{name}.img"
-        with open(image, "wb") as f:
-            f.truncate(size)
-        if metadata_from is not None and name in scenario.metadata_disks:
-            shutil.copyfile(metadata_from / f"{name}.img", image)
-        paths[name] = str(image)
-    return paths
-
-
-def _userspace(scenario: Scenario, part: str, disks: dict[str, str]) -> list[str]:
-    engine = Engine()
-    try:
-        return Runner(engine, disks).run(steps_for(scenario, part))
-    finally:
-        engine.shutdown()
+# one worker runs the whole module: its fixture boots the guest once for all of them
+pytestmark = [pytest.mark.kernel, pytest.mark.xdist_group("era-conformance")]
 
 
 @pytest.fixture(scope="module")
 def conformance(kernel_guest: KernelGuest, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    work = tmp_path_factory.mktemp("era-conformance")
-    share = work / "share"
-    share.mkdir()
-    user: dict[str, list[str]] = {}
-    plan = []
-    for s in SCENARIOS:
-        user[s.name] = _userspace(s, "all", _host_disks(work / "user" / s.name, s))
-        plan.append({"scenario": s.name, "part": "all", "key": s.name})
-        if s.handoff_after is None:
-            continue
-        first = work / "user" / f"{s.name}@u1"
-        user[f"{s.name}@u1"] = _userspace(s, "first", _host_disks(first, s))
-        handed = share / "images" / f"{s.name}@u2"
-        handed.mkdir(parents=True)
-        for name in s.metadata_disks:
-            shutil.copyfile(first / f"{name}.img", handed / f"{name}.img")
-        user[f"{s.name}@u2"] = _userspace(
-            s, "second", _host_disks(work / "user" / f"{s.name}@u2", s, metadata_from=first))
-        plan.append({"scenario": s.name, "part": "second", "key": f"{s.name}@u2"})
-        plan.append({"scenario": s.name, "part": "first", "key": f"{s.name}@k1"})
-        plan.append({"scenario": s.name, "part": "second", "key": f"{s.name}@k2",
-                     "images_from": f"{s.name}@k1"})
-    (share / "plan.json").write_text(json.dumps(plan))
-    script = (f"cd {REPO}\n"
-              f"{sys.executable} -m tests.kernel.scenarios \"$SHARE/plan.json\" "
-              "\"$SHARE/results.json\"\n")
-    result = kernel_guest.run(script, [], share, timeout_s=1500, memory_mb=2048)
-    result.check()
-    kernel = json.loads((share / "results.json").read_text())
-    # the userspace engine continuing from the kernel's metadata
-    for s in SCENARIOS:
-        if s.handoff_after is not None:
-            user[f"{s.name}@k2"] = _userspace(
-                s, "second", _host_disks(work / "user" / f"{s.name}@k2", s,
-                                         metadata_from=share / "out" / f"{s.name}@k1"))
-    return {"user": user, "kernel": kernel, "out": share / "out",
-            "seconds": result.duration_s}
+    return run_conformance(kernel_guest, tmp_path_factory.mktemp("era-conformance"), SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", [s.name for s in SCENARIOS])

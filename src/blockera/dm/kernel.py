@@ -40,27 +40,33 @@ class KernelEngine:
         self.dmsetup = dmsetup
         self.env = dict(os.environ)
         if not udev:
-            self.env["DM_DISABLE_UDEV"] = "1"
+            self.env["DM_DISABLE_UDEV"] = "1"   # libdevmapper then makes /dev/mapper nodes
+        self._era_blocks: dict[str, int] = {}    # era blocks of the tables loaded, per device
+
+    def _note_table(self, name: str, table: str | None) -> None:
+        """Remember how many era blocks the device's tables have (for `settle`)."""
+        blocks = self._era_blocks.get(name, 0)
+        for line in (table or "").replace(";", "\n").splitlines():
+            words = line.split()
+            if len(words) == 6 and words[2] == "era" and words[5].isdigit() and words[1].isdigit():
+                blocks = max(blocks, -(-int(words[1]) // max(1, int(words[5]))))
+        self._era_blocks[name] = blocks
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _kernel_log(self) -> list[str]:
-        r = subprocess.run(["dmesg"], capture_output=True, text=True)
-        return r.stdout.splitlines() if r.returncode == 0 else []
-
     def _run(self, args: list[str], *, stdin: str | None = None,
              error_class: type[BlockeraError] = DeviceMapperError) -> str:
-        before = len(self._kernel_log())
-        r = subprocess.run([self.dmsetup, *args], input=stdin, capture_output=True, text=True,
-                           env=self.env)
-        if r.returncode == 0:
-            return r.stdout
+        with _KernelLog() as kernel_log:
+            r = subprocess.run([self.dmsetup, *args], input=stdin, capture_output=True,
+                               text=True, env=self.env)
+            if r.returncode == 0:
+                return r.stdout
+            logged = kernel_log.new_lines()
         match = _FAILED_RE.search(r.stderr)
         errno_text = match.group(3).strip() if match else ""
         if match and match.group(1) == "create":
             error_class = DeviceMapperError   # the device itself, not its table
-
         errno_name = _ERRNO.get(errno_text, "EIO" if errno_text else "EINVAL")
-        reasons = [line.split("device-mapper: ", 1)[1] for line in self._kernel_log()[before:]
+        reasons = [line.split("device-mapper: ", 1)[1] for line in logged
                    if "device-mapper: " in line]
         stderr_lines = r.stderr.strip().splitlines()
         detail = "; ".join(reasons) or (stderr_lines[0] if stderr_lines else "dmsetup failed")
@@ -79,10 +85,11 @@ class KernelEngine:
         if table is None:
             args.append("--notable")
         self._run(args, stdin=table, error_class=TableError if table else DeviceMapperError)
-        self.mknodes()
+        self._note_table(name, table)
 
     def load(self, name: str, table: str) -> None:
         self._run(["load", name], stdin=table, error_class=TableError)
+        self._note_table(name, table)
 
     def clear(self, name: str) -> None:
         self._run(["clear", name])
@@ -95,6 +102,7 @@ class KernelEngine:
 
     def remove(self, name: str) -> None:
         self._run(["remove", name])
+        self._era_blocks.pop(name, None)
 
     def rename(self, name: str, new_name: str) -> None:
         self._run(["rename", name, new_name])
@@ -121,13 +129,8 @@ class KernelEngine:
     def settle(self, name: str | None = None) -> None:
         """The kernel's workers run on their own and report no progress (a status call would
         itself commit the era metadata): wait as long as the era worker can need to digest a
-        whole writeset of the largest era device, or a moment if there is none."""
-        blocks = 0
-        for line in self.table().splitlines():
-            words = line.split()
-            # "NAME: <start> <length> era <metadata> <origin> <block size>"
-            if len(words) == 7 and words[3] == "era" and words[6].isdigit():
-                blocks = max(blocks, -(-int(words[2]) // max(1, int(words[6]))))
+        whole writeset of the largest era device this engine loaded, or a moment."""
+        blocks = max(self._era_blocks.values(), default=0)
         time.sleep(_SETTLE_SECONDS + blocks * _DIGEST_SECONDS_PER_BLOCK)
 
     def dev_t(self, name: str) -> str:
@@ -146,3 +149,46 @@ class KernelEngine:
         if not path.exists():
             self.mknodes()
         return FileDevice(path, writable=True, direct=True)
+
+
+class _KernelLog:
+    """New kernel log lines while a command runs, read from /dev/kmsg (positioned at its end
+    when entered), falling back to comparing `dmesg` output before and after."""
+
+    def __enter__(self) -> "_KernelLog":
+        self._fd: int | None = None
+        self._before = 0
+        try:
+            self._fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+            os.lseek(self._fd, 0, os.SEEK_END)
+        except OSError:
+            self._fd = None
+            self._before = len(_dmesg())
+        return self
+
+    def new_lines(self) -> list[str]:
+        if self._fd is None:
+            return _dmesg()[self._before:]
+        lines = []
+        while True:
+            try:
+                record = os.read(self._fd, 8192)
+            except BlockingIOError:
+                return lines
+            except OSError:          # a record overwritten while we read: skip it
+                continue
+            if not record:
+                return lines
+            # "<prio>,<seq>,<usec>,<flags>;<message>\n" plus continuation lines
+            text = record.decode(errors="replace").split(";", 1)[-1]
+            lines.append(text.split("\n", 1)[0])
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+
+
+def _dmesg() -> list[str]:
+    r = subprocess.run(["dmesg"], capture_output=True, text=True)
+    return r.stdout.splitlines() if r.returncode == 0 else []
+
