@@ -59,3 +59,32 @@ blockera dmsetup remove era-access
 blockera dmsetup remove era
 blockera dmsetup remove era-meta
 blockera era check -q "$work/sdb.img" && echo "metadata consistent after removal"
+
+echo
+echo "== a consistent backup of a live device through a snapshot (seed 004)"
+truncate -s 64M "$work/md2.img"
+dd if=/dev/urandom of="$work/md2.img" bs=1M count=64 conv=notrunc status=none
+truncate -s 16M "$work/sdb6.img"
+blockera dmsetup create md2 --table "0 131072 linear $work/md2.img 0"
+blockera dmsetup create md2_dup --table "0 131072 linear $work/md2.img 0"
+blockera dmsetup suspend md2
+blockera dmsetup create cow --table "0 131072 snapshot /dev/mapper/md2_dup $work/sdb6.img p 32"
+blockera dmsetup create origin --table "0 131072 snapshot-origin /dev/mapper/md2_dup"
+blockera dmsetup table origin | blockera dmsetup load md2
+blockera dmsetup resume md2
+frozen=$(blockera dd if=/dev/mapper/cow bs=1M status=none | sha256sum)
+echo "== the live device keeps being written: 2.5 MiB at 1 MiB"
+blockera dd if=/dev/urandom of=/dev/mapper/md2 bs=64k seek=16 count=40 status=none
+blockera dmsetup status cow
+[ "$(blockera dd if=/dev/mapper/cow bs=1M status=none | sha256sum)" = "$frozen" ] &&
+    echo "the snapshot still shows the frozen state"
+echo "== the chunks the live device changed since the snapshot, from the COW's exception table"
+blockera cow changed "$work/sdb6.img"
+blockera cow extract "$work/sdb6.img" --origin /dev/mapper/md2_dup -o "$work/changes.img"
+echo "== tear down: the live device gets its own table back"
+blockera dmsetup suspend md2
+blockera dmsetup remove origin
+blockera dmsetup remove cow
+blockera dmsetup table md2_dup | blockera dmsetup load md2
+blockera dmsetup resume md2
+blockera dmsetup table md2

@@ -1,0 +1,134 @@
+"""Origin write throughput under snapshots against the bare origin, in one run.
+
+The same writes go, alternately, to a plain `linear` device over the origin file (the bare
+origin) and to a `snapshot-origin` device over the same file with one snapshot (chunk size 8,
+a 4 KiB chunk) and with two (chunk sizes 8 and 32) on COW files:
+
+* 1 MiB sequential writes over a region no snapshot has copied yet: every chunk costs a read
+  of the old data, a COW write and its share of one commit (two flushes) per write;
+* the same region again: everything is copied, the writes go straight through;
+* 4 KiB random writes to fresh chunks (one copy-out and one commit each).
+
+The COWs are fresh for every pass. Ratios are snapshot-origin / bare throughput; the goal for
+first writes is >= 0.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import report  # noqa: E402
+
+from blockera.dm.engine import Engine  # noqa: E402
+
+MiB = 1 << 20
+
+
+def _file(path: Path, size: int, data: bytes | None = None) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if data is not None:
+            for off in range(0, size, len(data)):
+                f.write(data)
+    return path
+
+
+def _stack(engine: Engine, work: Path, origin: Path, sectors: int, snapshots: list[int],
+           cow_bytes: int) -> None:
+    engine.create("real", f"0 {sectors} linear {origin} 0")
+    engine.create("base", f"0 {sectors} snapshot-origin /dev/mapper/real")
+    engine.suspend("base")
+    for i, cs in enumerate(snapshots):
+        cow = _file(work / f"cow{i}.img", cow_bytes)
+        engine.create(f"snap{i}", f"0 {sectors} snapshot /dev/mapper/real {cow} P {cs}")
+    engine.resume("base")
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench(work: Path, region_mib: int, ops: int, rounds: int) -> list[dict]:
+    origin_bytes = 2 * region_mib * MiB
+    sectors = origin_bytes // 512
+    origin = _file(work / "origin.img", origin_bytes, os.urandom(MiB))
+    mib = os.urandom(MiB)
+    page = os.urandom(4096)
+    rng = random.Random(1)
+    rows = []
+    for snapshots in ([8], [8, 32]):
+        label = f"{len(snapshots)} snapshot{'s' if len(snapshots) > 1 else ''}"
+        results: dict[str, list[tuple[float, float]]] = {"first": [], "again": [], "random": []}
+        for _ in range(rounds):
+            offsets = [rng.randrange(origin_bytes // 4096) * 4096 for _ in range(ops)]
+            for mode in ("bare", "snap"):
+                engine = Engine()
+                try:
+                    if mode == "bare":
+                        engine.create("base", f"0 {sectors} linear {origin} 0")
+                    else:
+                        _stack(engine, work, origin, sectors, snapshots, origin_bytes)
+                    dev = engine.device("base")
+
+                    def sequential() -> None:
+                        for i in range(region_mib):
+                            dev.write(i * MiB, mib)
+                        dev.flush()
+
+                    def random_writes() -> None:
+                        for off in offsets:
+                            dev.write(off, page)
+                        dev.flush()
+
+                    first = _timed(sequential)
+                    again = _timed(sequential)
+                    engine.shutdown()
+                    engine = Engine()
+                    if mode == "bare":
+                        engine.create("base", f"0 {sectors} linear {origin} 0")
+                    else:
+                        _stack(engine, work, origin, sectors, snapshots, origin_bytes)
+                    dev = engine.device("base")
+                    rand = _timed(random_writes)
+                finally:
+                    engine.shutdown()
+                for key, seconds in (("first", first), ("again", again), ("random", rand)):
+                    results[key].append((mode == "snap", seconds))
+        for key, name, amount, unit in (
+                ("first", "1 MiB sequential write, chunks not yet copied", region_mib, "MiB/s"),
+                ("again", "1 MiB sequential write, chunks already copied", region_mib, "MiB/s"),
+                ("random", "4 KiB random write, fresh chunks", ops, "IOPS")):
+            bare = statistics.median(s for snap, s in results[key] if not snap)
+            snap = statistics.median(s for snap, s in results[key] if snap)
+            rows.append({"operation": f"{name}, {label}", "unit": unit,
+                         "bare_origin": round(amount / bare, 1),
+                         "snapshot_origin": round(amount / snap, 1),
+                         "ratio": round(bare / snap, 3)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--region-mib", type=int, default=64)
+    parser.add_argument("--ops", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="snapshot-bench-", dir=args.workdir) as work:
+        rows = bench(Path(work), args.region_mib, args.ops, args.rounds)
+    report("snapshot origin writes: snapshot-origin vs the bare origin, same file", rows)
+
+
+if __name__ == "__main__":
+    main()
