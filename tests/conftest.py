@@ -54,7 +54,6 @@ class DaemonProcess:
 
     def __init__(self, socket_path: Path) -> None:
         import os
-        import signal  # noqa: F401
         import time
 
         self.socket_path = socket_path

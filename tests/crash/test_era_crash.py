@@ -17,7 +17,6 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from blockera.blockdev import FileDevice, LogRecord, MemoryDevice, WriteLogDevice

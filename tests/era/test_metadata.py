@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from blockera.blockdev import FileDevice, MemoryDevice
+from blockera.blockdev import MemoryDevice
 from blockera.errors import NoSpaceError, TargetError
 from blockera.era.check import check_era_metadata
 from blockera.era.metadata import Digest, EraMetadata

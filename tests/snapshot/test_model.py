@@ -67,6 +67,20 @@ class ModelSnapshot:
         successor = 1 + ((j + 1) // self.epa) * (self.epa + 1)
         return True, (successor + 1) * self.cs <= self.cow_sectors
 
+    def copy_out(self, start: int, end: int) -> None:
+        """The origin's sectors [start, end) are about to change: the chunks without an
+        exception get one, in ascending order, until the COW is full (then: invalid)."""
+        for chunk in range(start // self.cs, (end - 1) // self.cs + 1):
+            if not self.valid:
+                return
+            if chunk in self.exceptions:
+                continue
+            allocated, committed = self.fits(len(self.exceptions))
+            if not (allocated and committed):
+                self.valid = False
+                return
+            self.exceptions.append(chunk)
+
     def status(self) -> str:
         if not self.valid:
             return "Invalid"
@@ -173,16 +187,7 @@ class SnapshotMachine(RuleBasedStateMachine):
         self.counter += 1
         payload = payload_for(self.counter, count * SECTOR)
         for snap in self.snaps:
-            if not snap.valid:
-                continue
-            for chunk in range(start // snap.cs, (start + count - 1) // snap.cs + 1):
-                if chunk in snap.exceptions:
-                    continue
-                allocated, committed = snap.fits(len(snap.exceptions))
-                if not (allocated and committed):
-                    snap.valid = False
-                    break
-                snap.exceptions.append(chunk)
+            snap.copy_out(start, start + count)
         self.engine.device("base").write(start * SECTOR, payload)
         self.origin[start * SECTOR: (start + count) * SECTOR] = payload
 
@@ -245,18 +250,8 @@ class SnapshotMachine(RuleBasedStateMachine):
         self.snaps.remove(snap)
         # the other snapshots got copy-outs for the merged chunks, like any origin write
         for other in self.snaps:
-            if not other.valid:
-                continue
             for old in snap.exceptions:
-                lo, hi = old * snap.cs, min((old + 1) * snap.cs, ORIGIN_SECTORS)
-                for chunk in range(lo // other.cs, (hi - 1) // other.cs + 1):
-                    if chunk in other.exceptions:
-                        continue
-                    allocated, committed = other.fits(len(other.exceptions))
-                    if not (allocated and committed):
-                        other.valid = False
-                        break
-                    other.exceptions.append(chunk)
+                other.copy_out(old * snap.cs, min((old + 1) * snap.cs, ORIGIN_SECTORS))
         self.origin[:] = snap.view
         event(f"merged a {snap.kind} snapshot with "
               f"{'several areas' if len(snap.exceptions) > snap.epa else 'one area'} of "

@@ -7,48 +7,12 @@ message), 2 usage or I/O errors.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-from pathlib import Path
-from typing import BinaryIO, Iterator
 
 import click
 
-from blockera.blockdev import BlockDevice
-from blockera.errors import DeviceError, UsageError
-
-
-def _open_ro(path: str) -> BlockDevice:
-    """A COW or origin by path; `/dev/mapper/NAME` may also be a device of the engine daemon."""
-    from blockera.dm.client import open_path
-
-    return open_path(path, writable=False, direct=True)
-
-
-@contextlib.contextmanager
-def _output(path: str | None) -> Iterator[BinaryIO]:
-    """stdout (None or "-"), or a file that only replaces `path` once complete."""
-    if path is None or path == "-":
-        yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
-        return
-    target = Path(path)
-    if target.exists() and not target.is_file():
-        raise UsageError(f"{path}: output must be a regular file (it is not replaced or "
-                         "written through)")
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise DeviceError(f"{path}: cannot write output: {exc.strerror}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+from blockera.cli.files import open_for_reading, output_file
+from blockera.errors import UsageError
 
 
 @click.group()
@@ -75,9 +39,9 @@ def dump(cow_path: str, as_json: bool) -> None:
     """
     from blockera.snapshot.dump import dump_cow, write_json, write_text
 
-    with _open_ro(cow_path) as dev:
+    with open_for_reading(cow_path) as dev:
         result = dump_cow(dev)
-    with _output(None) as out:
+    with output_file(None) as out:
         (write_json if as_json else write_text)(result, out)
     if not result.ok:
         sys.exit(1)
@@ -104,14 +68,14 @@ def changed(cow_path: str, as_json: bool, output: str | None) -> None:
     """
     from blockera.snapshot.changed import changed_chunks, load_checked, write_json, write_text
 
-    with _open_ro(cow_path) as dev:
+    with open_for_reading(cow_path) as dev:
         image, _ = load_checked(dev)
     result = changed_chunks(image)
     if not result.valid:
         click.echo("blockera: warning: the snapshot is invalid (header valid=0); origin writes "
                    "after the invalidation were not recorded, so this list is incomplete",
                    err=True)
-    with _output(output) as out:
+    with output_file(output) as out:
         (write_json if as_json else write_text)(result, out)
 
 
@@ -154,11 +118,11 @@ def extract(cow_path: str, origin_path: str, output: str, fmt: str, source: str)
 
     if fmt == "sparse" and output == "-":
         raise UsageError("--format sparse needs a file for -o (use --format stream for stdout)")
-    with _open_ro(cow_path) as cow_dev, _open_ro(origin_path) as origin_dev:
+    with open_for_reading(cow_path) as cow_dev, open_for_reading(origin_path) as origin_dev:
         image, _ = load_checked(cow_dev)
         plan = plan_extract(image, origin_dev.size_bytes, source)
         data_dev = origin_dev if source == "origin" else cow_dev
-        with _output(output) as out:
+        with output_file(output) as out:
             (write_sparse if fmt == "sparse" else write_stream)(plan, data_dev, out)
     click.echo(f"extracted {plan.data_bytes} bytes of {source} data in {len(plan.segments)} "
                f"ranges ({len(image.table or ())} changed chunks) to {output}", err=True)

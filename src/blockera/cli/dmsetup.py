@@ -7,7 +7,6 @@ target's reason, then `Command failed.`, and exit 1.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click

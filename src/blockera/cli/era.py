@@ -2,44 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 from pathlib import Path
-from typing import BinaryIO, Iterator
 
 import click
 
-from blockera.blockdev import BlockDevice, FileDevice
+from blockera.blockdev import FileDevice
+from blockera.cli.files import open_for_reading, output_file
 from blockera.errors import DeviceError, UsageError
 from blockera.units import parse_size_bytes, SECTOR_BYTES
-
-
-@contextlib.contextmanager
-def _output(path: str | None) -> Iterator[BinaryIO]:
-    """stdout, or a file that only replaces `path` once the output is complete."""
-    if path is None:
-        yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise DeviceError(f"{path}: cannot write output: {exc.strerror}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def _open_metadata(path: str) -> BlockDevice:
-    """Metadata device or file; `/dev/mapper/NAME` may also be a device of the engine daemon."""
-    from blockera.dm.client import open_path
-
-    return open_path(path, writable=False, direct=True)
 
 
 @click.group()
@@ -64,9 +36,9 @@ def dump(metadata: str, output: str | None, logical: bool, metadata_snapshot: bo
     from blockera.era.dump import dump_xml
     from blockera.era.reader import EraImage
 
-    with _open_metadata(metadata) as dev:
+    with open_for_reading(metadata) as dev:
         image = EraImage(dev, use_snapshot=metadata_snapshot)
-        with _output(output) as out:
+        with output_file(output) as out:
             dump_xml(image, out, logical=logical)
 
 
@@ -93,9 +65,9 @@ def invalidate(metadata: str, era_threshold: int, metadata_snapshot: bool, outpu
     from blockera.era.invalidate import write_json, write_xml, written_since
     from blockera.era.reader import EraImage
 
-    with _open_metadata(metadata) as dev:
+    with open_for_reading(metadata) as dev:
         result = written_since(EraImage(dev, use_snapshot=metadata_snapshot), era_threshold)
-        with _output(output) as out:
+        with output_file(output) as out:
             (write_json if as_json else write_xml)(result, out)
 
 
@@ -117,7 +89,7 @@ def check(metadata: str, quiet: bool, super_block_only: bool) -> None:
 
     if not Path(metadata).exists() and not metadata.startswith("/dev/mapper/"):
         raise DeviceError(f"{metadata}: no such file or directory")
-    with _open_metadata(metadata) as dev:
+    with open_for_reading(metadata) as dev:
         report = check_era_metadata(dev, superblock_only=super_block_only)
     if not quiet:
         for line in report.lines():

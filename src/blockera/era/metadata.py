@@ -22,8 +22,7 @@ from blockera.pdata.block_manager import BlockManager
 from blockera.pdata.btree import BTree, ValueType
 from blockera.pdata.space_map import MetadataSpaceMap
 from blockera.pdata.transaction import TransactionManager
-from blockera.era.superblock import (SUPERBLOCK, SUPERBLOCK_LOCATION, Superblock, Writeset,
-                                     WRITESET_RECORD)
+from blockera.era.superblock import SUPERBLOCK, SUPERBLOCK_LOCATION, Superblock, Writeset
 from blockera.units import METADATA_BLOCK_BYTES
 
 INSERTS_PER_STEP = 100
