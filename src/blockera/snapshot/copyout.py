@@ -17,6 +17,7 @@ whether anything needs copying, and if so copies and writes under the exclusive 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from blockera.blockdev import BlockDevice
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # Bound on the bytes one copy moves at a time (a run of consecutive chunks is split).
 COPY_PIECE_BYTES = 4 << 20
+# Copy-outs to several snapshots at once (their COW flushes overlap).
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="snapshot-copy-out")
 
 
 def _takes_copy_outs(snap: "SnapshotTarget", sector: int) -> bool:
@@ -78,13 +81,19 @@ def write_origin(group: OriginGroup, origin: BlockDevice, sector: int,
 
 def copy_out(group: OriginGroup, sector: int, nr_sectors: int) -> None:
     """Give every snapshot of the origin its copy of the range (caller holds the group's lock
-    exclusively)."""
+    exclusively). Each snapshot's copy and commit run in their own thread, so the flushes of
+    several COW devices overlap; all have finished when this returns."""
+    work = []
     for snap in list(group.snapshots):
         if not _takes_copy_outs(snap, sector):
             continue
         chunks = chunks_to_copy(snap, sector, nr_sectors)
         if chunks:
-            copy_chunks(snap, chunks)
+            work.append((snap, chunks))
+    if len(work) == 1:
+        copy_chunks(*work[0])
+    elif work:
+        list(_POOL.map(lambda item: copy_chunks(*item), work))
 
 
 def copy_chunks(snap: "SnapshotTarget", chunks: list[int]) -> None:
