@@ -50,6 +50,18 @@ def need(*tools: str) -> None:
             missing(f"{tool} not installed: apt-get install {PACKAGES.get(tool, tool)}")
 
 
+def require_fuse_and_loop() -> None:
+    """nbdfuse, a loop device, ext4 tools and root, for mounting an export."""
+    need("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "fsck.ext4", "debugfs", "mount",
+         "umount")
+    if os.geteuid() != 0:
+        missing("loop devices and mounts need root")
+    if not os.path.exists("/dev/fuse"):
+        missing("/dev/fuse is not available (FUSE kernel module)")
+    if not os.path.exists("/dev/loop-control"):
+        missing("/dev/loop-control is not available (loop kernel module)")
+
+
 def run(cmd: list[str], *, timeout: float = 60, check: bool = True,
         input: bytes | None = None) -> subprocess.CompletedProcess[str]:
     """Run a client; on failure the assertion shows its output."""

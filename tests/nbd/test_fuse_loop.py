@@ -16,20 +16,9 @@ import pytest
 
 from blockera.blockdev import FileDevice
 
-from .conftest import missing, need, pattern, run, unix_uri
+from .conftest import require_fuse_and_loop, pattern, run, unix_uri
 
 MiB = 1 << 20
-
-
-def _require_environment() -> None:
-    need("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "fsck.ext4", "debugfs", "mount",
-         "umount")
-    if os.geteuid() != 0:
-        missing("loop devices and mounts need root")
-    if not os.path.exists("/dev/fuse"):
-        missing("/dev/fuse is not available (FUSE kernel module)")
-    if not os.path.exists("/dev/loop-control"):
-        missing("/dev/loop-control is not available (loop kernel module)")
 
 
 def _wait_for(path: Path, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
@@ -46,7 +35,7 @@ def _wait_for(path: Path, timeout_s: float, proc: subprocess.Popen[bytes]) -> No
 @pytest.fixture
 def fuse_file(start_server, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """(the nbdfuse file of an exported 128 MiB image, the image)."""
-    _require_environment()
+    require_fuse_and_loop()
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
         f.truncate(128 * MiB)

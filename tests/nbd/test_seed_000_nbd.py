@@ -26,7 +26,7 @@ from blockera.dm.engine import Engine
 from blockera.era.check import check_era_metadata
 from blockera.nbd.engine_service import EngineNbdService, NbdSettings
 
-from .conftest import missing, need, pattern, run
+from .conftest import require_fuse_and_loop, pattern, run
 from .engineenv import MiB, image, nonzero_blocks
 
 ERA_BLOCK_BYTES = 4096 * 512        # the tutorial's granularity: 4096 sectors, 2 MiB
@@ -73,16 +73,6 @@ class WriteLog(BlockDevice):
         return out
 
 
-def _require_environment() -> None:
-    need("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "fsck.ext4", "mount", "umount")
-    if os.geteuid() != 0:
-        missing("loop devices and mounts need root")
-    if not os.path.exists("/dev/fuse"):
-        missing("/dev/fuse is not available (FUSE kernel module)")
-    if not os.path.exists("/dev/loop-control"):
-        missing("/dev/loop-control is not available (loop kernel module)")
-
-
 class Tutorial:
     """The engine (in this process) behind a control socket and an NBD socket."""
 
@@ -125,7 +115,7 @@ class Tutorial:
 
 @pytest.fixture
 def tutorial(sock_dir: Path, tmp_path: Path) -> Iterator[Tutorial]:
-    _require_environment()
+    require_fuse_and_loop()
     t = Tutorial(sock_dir, tmp_path)
     t.daemon.start()
     try:
