@@ -76,3 +76,7 @@ class DeviceMapperError(BlockeraError):
     """A device-mapper engine operation failed (unknown device, wrong state, ...)."""
 
     errno_name = "EINVAL"
+
+
+class ListenError(BlockeraError):
+    """A listening socket could not be created (address in use, bad path, ...)."""

@@ -266,3 +266,29 @@ def test_concurrent_first_writes_share_commits(tmp_path: Path) -> None:
         assert commits < nr_threads * per_thread
     finally:
         engine.shutdown()
+
+
+def test_reload_sees_what_the_old_table_committed_after_the_load(engine: Engine, disks) -> None:
+    """A table loaded while the old one is live reads the superblock before the old table's
+    later commits. Those commits free blocks that the new table's stale view still references;
+    resuming on that view lost the marks set in between and reused live blocks. The new table
+    reads the metadata again before it first resumes."""
+    meta, origin = disks
+    table = f"0 65536 era {meta} {origin} 128"
+    _era(engine, meta, origin)
+    _write(engine, 1, 2)
+    _status(engine)
+    engine.load("era", table)                 # the new instance opens the metadata now
+    for block in (10, 11, 12):                # the old instance commits several times more
+        engine.message("era", 0, ["checkpoint"])
+        _write(engine, block, block + 100)
+        _status(engine)
+    engine.resume("era")
+    for block in (20, 21):
+        _write(engine, block)
+        engine.message("era", 0, ["checkpoint"])
+    engine.suspend("era")
+    report = check_era_metadata(FileDevice(meta, writable=False))
+    assert report.ok, report.lines()
+    changed = np.flatnonzero(EraImage(FileDevice(meta, writable=False)).changed_since(1))
+    assert set(changed.tolist()) == {1, 2, 10, 11, 12, 110, 111, 112, 20, 21}

@@ -1,9 +1,11 @@
 """The engine daemon: one `Engine` served on a unix socket (see `blockera.dm.protocol`).
 
-The state directory holds the socket and `daemon.pid`. Other services over the same engine
-(the NBD export, `blockera.nbd.engine_service`) are handed in as `DaemonService` objects: they
-start before the control socket appears (so it existing means everything is up) and stop right
-after it closes. On SIGTERM or SIGINT the daemon shuts down cleanly: it stops accepting
+The control socket is private (mode 0600) before it listens, whatever the umask; the state
+directory (the socket's by default) holds `<socket name without suffix>.pid`, and on exit the
+daemon removes only the socket it created and a pid file that still names it. Other services
+over the same engine (the NBD export, `blockera.nbd.engine_service`) are handed in as
+`DaemonService` objects: they start before the control socket appears (so it existing means
+everything is up) and stop right after it closes. On SIGTERM or SIGINT the daemon shuts down cleanly: it stops accepting
 requests, stops the services (NBD clients are disconnected once their requests in flight are
 answered), suspends every device (users before what they use) so that targets commit their
 metadata, removes them and deletes the socket.
@@ -22,7 +24,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 from blockera.dm.engine import Engine
 from blockera.dm.protocol import MAX_IO_BYTES, Reader, error_reply, send_message
-from blockera.errors import BlockeraError, DeviceError, UsageError
+from blockera.errors import BlockeraError, ListenError, UsageError
+from blockera.unix_socket import open_unix_listener, remove_own_socket, socket_identity
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +125,15 @@ class _Handler(socketserver.StreamRequestHandler):
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    allow_reuse_address = True
+    """Serves an already listening socket (made private before it listened)."""
 
-    def __init__(self, path: str, service: EngineService) -> None:
+    daemon_threads = True
+
+    def __init__(self, listener: socket.socket, service: EngineService) -> None:
         self.service = service
-        super().__init__(path, _Handler)
+        super().__init__(listener.getsockname(), _Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listener
 
 
 class DaemonService(Protocol):
@@ -152,30 +158,44 @@ class Daemon:
         self.services = list(services)
         self._stopped = threading.Event()
         self._started: list[DaemonService] = []
+        self.pid_path = self.state_dir / f"{self.socket_path.stem}.pid"
         self.server: _Server | None = None
+        self._socket_identity: tuple[int, int] | None = None
         self.extra_shutdown: list[Callable[[], None]] = []
 
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.socket_path.exists():
-            if _socket_alive(self.socket_path):
-                raise DeviceError(f"{self.socket_path}: another engine daemon is already "
-                                  "listening there")
-            self.socket_path.unlink()
         try:
             for service in self.services:
                 service.start()
                 self._started.append(service)
-            self.server = _Server(str(self.socket_path), EngineService(self.engine))
+            listener = open_unix_listener(self.socket_path, mode=0o600)
+            self._socket_identity = socket_identity(listener)
+            self.server = _Server(listener, EngineService(self.engine))
+        except ListenError as exc:
+            self._stop_services()
+            raise ListenError(f"control socket: {exc}") from None
         except BaseException:
             self._stop_services()
             raise
-        os.chmod(self.socket_path, 0o600)
-        (self.state_dir / "daemon.pid").write_text(f"{os.getpid()}\n")
+        self._write_pid_file()
         threading.Thread(target=self.server.serve_forever, name="engine-control",
                          daemon=True).start()
         log.info("engine daemon listening on %s", self.socket_path)
+
+    def _write_pid_file(self) -> None:
+        tmp = self.pid_path.with_name(f".{self.pid_path.name}.{os.getpid()}")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, self.pid_path)
+
+    def _remove_pid_file(self) -> None:
+        """Remove the pid file only while it still names this process."""
+        try:
+            if self.pid_path.read_text().strip() == str(os.getpid()):
+                self.pid_path.unlink()
+        except OSError:
+            pass
 
     def _stop_services(self) -> None:
         while self._started:
@@ -196,11 +216,9 @@ class Daemon:
         for action in self.extra_shutdown:
             action()
         self.engine.shutdown()
-        for path in (self.socket_path, self.state_dir / "daemon.pid"):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+        if self._socket_identity is not None:
+            remove_own_socket(self.socket_path, self._socket_identity)
+        self._remove_pid_file()
         log.info("engine daemon stopped; devices suspended and removed")
 
     def run(self, on_started: Callable[[], None] | None = None) -> None:
@@ -220,14 +238,3 @@ class Daemon:
                 pass
         finally:
             self.stop()
-
-
-def _socket_alive(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()

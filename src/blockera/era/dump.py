@@ -2,7 +2,8 @@
 (specs/era-metadata.md §13.1).
 
 Differences from 0.9.0, on purpose: `--logical` reports the newest era a block was written in
-(0.9.0 keeps the lowest writeset era), and `--metadata-snapshot` dumps the held snapshot.
+(0.9.0 keeps the lowest writeset era), counting the live current writeset (0.9.0 ignores it),
+and `--metadata-snapshot` dumps the held snapshot.
 """
 
 from __future__ import annotations

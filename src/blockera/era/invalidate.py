@@ -3,8 +3,10 @@
 end, `<block block="b"/>` for runs of one), or as JSON (specs/era-metadata.md §13.2).
 
 A block is listed when its era-array entry is >= ERA or it is set in an archived writeset whose
-era is >= ERA; the current writeset is not archived and is ignored, as by 0.9.0. With
-`--metadata-snapshot` the held snapshot is read (0.9.0 reads the live superblock there).
+era is >= ERA, or in the live current writeset when the current era is >= ERA (0.9.0 ignores
+the current writeset, and so misses every write of the current era on metadata copied from an
+active device or left by a crash). With `--metadata-snapshot` the held snapshot is read (0.9.0
+reads the live superblock there).
 """
 
 from __future__ import annotations

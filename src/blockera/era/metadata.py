@@ -85,6 +85,7 @@ class EraMetadata:
         self.metadata_snap = 0
         self.archived_writesets = False
         block0 = self.bm.read_raw(SUPERBLOCK_LOCATION)
+        self._known_superblock = bytes(block0)
         if block0 == bytes(METADATA_BLOCK_BYTES):
             if not may_format:
                 raise MetadataError("metadata device is unformatted (block 0 is all zeros)",
@@ -117,7 +118,7 @@ class EraMetadata:
         # leaves the index lagging the bitmap; committing it keeps the two consistent.
         self.tm.pre_commit()
         sb = self._superblock_fields(bytearray(METADATA_BLOCK_BYTES))
-        self.tm.commit(SUPERBLOCK, sb)
+        self._commit_superblock(sb)
 
     def _open(self) -> None:
         data = self.bm.read(SUPERBLOCK_LOCATION, SUPERBLOCK)
@@ -139,6 +140,12 @@ class EraMetadata:
         self.era_array_root = sb.era_array_root
         self.metadata_snap = sb.metadata_snap
         self.archived_writesets = True
+
+    def committed_elsewhere(self) -> bool:
+        """True if the superblock on disk is neither the one this instance opened nor the last
+        one it committed: another instance (the previous table of a reloaded device) committed
+        after this one was opened, so this one's view of the metadata is stale."""
+        return bytes(self.bm.read_raw(SUPERBLOCK_LOCATION)) != self._known_superblock
 
     # -- superblock and commit -----------------------------------------------------------------
     def _superblock_fields(self, block: bytearray) -> bytearray:
@@ -164,7 +171,11 @@ class EraMetadata:
             ws.root = self.bitset_info.flush(ws.root)
         self.tm.pre_commit()
         existing = bytearray(self.bm.read(SUPERBLOCK_LOCATION, SUPERBLOCK))
-        self.tm.commit(SUPERBLOCK, self._superblock_fields(existing))
+        self._commit_superblock(self._superblock_fields(existing))
+
+    def _commit_superblock(self, block: bytearray) -> None:
+        self.tm.commit(SUPERBLOCK, block)     # stamps `block` (checksum) as written
+        self._known_superblock = bytes(block)
 
     def abort(self) -> None:
         """Forget everything since the last commit and reload the committed state (used after

@@ -101,16 +101,17 @@ class EraImage:
                           "era array", seen).values
 
     # -- derived views ---------------------------------------------------------------------------
-    def changed_since(self, threshold: int, *, include_current: bool = False) -> np.ndarray:
+    def changed_since(self, threshold: int) -> np.ndarray:
         """Bool mask of blocks written in era `threshold` or later: era array entries >=
-        threshold, plus every bit of archived writesets whose era >= threshold (plus the live
-        current writeset if asked). A writeset larger than the era array extends the mask."""
+        threshold, plus every bit of archived writesets whose era >= threshold, plus the bits
+        of the live current writeset (committed before their writes reached the origin, so on
+        metadata copied from an active device or left by a crash they are the only record of
+        those writes). A writeset larger than the era array extends the mask."""
         eras = self.era_array()
         sets = [ws for ws in self.writesets() if ws.era >= threshold]
-        if include_current:
-            current = self.current_writeset()
-            if current is not None and current.era >= threshold:
-                sets.append(current)
+        current = self.current_writeset()
+        if current is not None and current.era >= threshold:
+            sets.append(current)
         length = max([len(eras)] + [ws.nr_bits for ws in sets])
         mask = np.zeros(length, dtype=bool)
         np.greater_equal(eras, threshold, out=mask[: len(eras)])
@@ -119,11 +120,16 @@ class EraImage:
         return mask
 
     def logical_eras(self) -> np.ndarray:
-        """The era each block was last written in: the highest archived writeset containing it,
-        if that is newer than the era array's entry, else the era array's entry."""
+        """The era each block was last written in: the highest writeset containing it (archived,
+        or the live current writeset), if that is newer than the era array's entry, else the era
+        array's entry."""
         eras = self.era_array().copy()
         n = len(eras)
-        for ws in self.writesets():
+        sets = self.writesets()
+        current = self.current_writeset()
+        if current is not None:
+            sets.append(current)
+        for ws in sets:
             bits = ws.bools()[:n]
             np.maximum(eras[: len(bits)], np.where(bits, ws.era, 0).astype(np.uint32),
                        out=eras[: len(bits)])

@@ -253,6 +253,7 @@ class EraTarget(Target):
         except (MetadataError, DeviceError) as exc:
             raise TableError(f"Error reading metadata ({exc})") from None
         self.nr_blocks = 0
+        self.resumed_before = False
         self.md_lock = threading.RLock()
         self.worker = _Worker(self)
 
@@ -305,6 +306,7 @@ class EraTarget(Target):
                 log.error("era: metadata_commit failed: %s", exc)
 
     def preresume(self) -> None:
+        self._reopen_if_stale()
         new_size = div_up(self.length_sectors, self.block_sectors)
         if self.nr_blocks != new_size:
             with self.md_lock:
@@ -322,6 +324,24 @@ class EraTarget(Target):
         except BlockeraError as exc:
             raise TargetError(f"era: metadata_era_rollover failed: {exc}",
                               errno_name=exc.errno_name) from None
+
+    def _reopen_if_stale(self) -> None:
+        """A table loaded while another era table was live on the same metadata read the
+        superblock before that table's last commits (its postsuspend archive at the latest).
+        The kernel goes on with the stale view, which drops the bits set in between and can
+        reuse blocks the newer commits still reference; this target reads the metadata again
+        before it first resumes."""
+        if self.resumed_before:     # every commit since was this instance's own
+            return
+        with self.md_lock:
+            if self.md.committed_elsewhere():
+                try:
+                    self.md = EraMetadata(self.metadata.dev, self.block_sectors,
+                                          may_format=False)
+                except (MetadataError, DeviceError) as exc:
+                    raise TargetError(f"era: couldn't reopen metadata: {exc}",
+                                      errno_name=exc.errno_name) from None
+        self.resumed_before = True
 
     def settle(self) -> None:
         self.worker.wait_idle()

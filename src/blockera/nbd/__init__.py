@@ -21,7 +21,8 @@ to NBD-error mapping). For the device-mapper engine: `engine_exports` (the engin
 exports, by name, live) and `engine_service` (the export as a service of `blockera daemon`).
 """
 
-from blockera.nbd.errors import ListenError, RemoteBindRefusedError, UnknownExportError
+from blockera.errors import ListenError
+from blockera.nbd.errors import RemoteBindRefusedError, UnknownExportError
 from blockera.nbd.exports import Export, ExportMap, ExportSource
 from blockera.nbd.limits import BlockLimits
 from blockera.nbd.listeners import NBD_PORT

@@ -1,6 +1,6 @@
 """Errors of the NBD server, and the mapping of device errors to NBD error values.
 
-Configuration mistakes (`RemoteBindRefusedError`, `ListenError`) are raised to whoever starts the
+Configuration mistakes (`RemoteBindRefusedError`; `ListenError` is in blockera.errors) are raised to whoever starts the
 server. `ClientProtocolError` and `ClientDisconnected` end one connection only: the first when a
 client breaks a mandatory rule of the protocol (the server then initiates a hard disconnect),
 the second when the peer went away. `nbd_error_for` turns what a `BlockDevice` raised into the
@@ -17,10 +17,6 @@ from blockera.nbd import protocol as p
 
 class RemoteBindRefusedError(UsageError):
     """A TCP listen address is reachable from other hosts and remote binds were not allowed."""
-
-
-class ListenError(BlockeraError):
-    """A listening socket could not be created (address in use, bad path, ...)."""
 
 
 class UnknownExportError(BlockeraError):

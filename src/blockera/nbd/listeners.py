@@ -1,22 +1,18 @@
-"""Listening sockets: a unix socket and/or a TCP socket, with the loopback-only rule.
+"""The NBD export's TCP listener, with the loopback-only rule (unix sockets:
+`blockera.unix_socket`).
 
 NBD has no authentication here and no encryption, so whoever can connect can read and
 overwrite every export. TCP therefore binds to 127.0.0.1 unless told otherwise, and an address
-that is not a loopback address is refused unless the caller passes `allow_remote=True`. A unix
-socket is created with mode 0600 by default (only its owner may connect); a stale socket file
-left by a crashed server is replaced, a live one is not.
+that is not a loopback address is refused unless the caller passes `allow_remote=True`.
 """
 
 from __future__ import annotations
 
-import errno
 import ipaddress
-import os
 import socket
-import stat
-from pathlib import Path
 
-from blockera.nbd.errors import ListenError, RemoteBindRefusedError
+from blockera.errors import ListenError
+from blockera.nbd.errors import RemoteBindRefusedError
 
 DEFAULT_TCP_HOST = "127.0.0.1"
 NBD_PORT = 10809
@@ -59,43 +55,3 @@ def open_tcp_listener(host: str | None, port: int, *, allow_remote: bool = False
         sock.close()
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     return sock
-
-
-def open_unix_listener(path: str | os.PathLike[str], *, mode: int = 0o600) -> socket.socket:
-    """A listening unix socket at `path`, accessible with permission bits `mode`."""
-    path = Path(path)
-    if len(os.fsencode(path)) >= 108:
-        raise ListenError(f"unix socket path {path} is too long (the limit is 107 bytes): "
-                          "use a shorter directory")
-    _remove_stale_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(os.fspath(path))
-        os.chmod(path, mode)  # before listen(): nobody can connect in between
-        sock.listen(_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise ListenError(f"cannot listen on unix socket {path}: {exc.strerror}") from None
-    return sock
-
-
-def _remove_stale_socket(path: Path) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ListenError(f"{path} exists and is not a socket: choose another path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(os.fspath(path))
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ListenError(f"{path}: cannot tell whether a server is using this socket "
-                              f"({exc.strerror})") from None
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise ListenError(f"{path} is in use by a running server: stop it or choose another path")

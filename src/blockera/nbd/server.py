@@ -22,7 +22,8 @@ from blockera.errors import UsageError
 from blockera.nbd.connection import Connection
 from blockera.nbd.exports import ExportResolver, ExportSource
 from blockera.nbd.limits import BlockLimits
-from blockera.nbd.listeners import open_tcp_listener, open_unix_listener
+from blockera.nbd.listeners import open_tcp_listener
+from blockera.unix_socket import open_unix_listener, remove_own_socket, socket_identity
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,9 @@ class NbdServer:
                 addr = sock.getsockname()
                 self.tcp_address = (str(addr[0]), int(addr[1]))
             if self._unix_path is not None:
-                self._listeners.append(open_unix_listener(self._unix_path,
-                                                          mode=self._unix_mode))
-                st = os.stat(self._unix_path)
-                self._unix_inode = (st.st_dev, st.st_ino)
+                unix = open_unix_listener(self._unix_path, mode=self._unix_mode)
+                self._listeners.append(unix)
+                self._unix_inode = socket_identity(unix)
         except BaseException:
             self._close_listeners()
             raise
@@ -210,12 +210,7 @@ class NbdServer:
             sock.close()
         self._listeners.clear()
         if self._unix_path is not None and self._unix_inode is not None:
-            try:
-                st = os.stat(self._unix_path)
-                if (st.st_dev, st.st_ino) == self._unix_inode:
-                    os.unlink(self._unix_path)
-            except OSError:
-                pass
+            remove_own_socket(self._unix_path, self._unix_inode)
             self._unix_inode = None
 
     def __enter__(self) -> "NbdServer":
