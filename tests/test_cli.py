@@ -77,7 +77,7 @@ def test_restore_errors_do_not_touch_the_output(tmp_path: Path, image: Path) -> 
     assert small.read_bytes() == bytes(4 * 4096)
     assert image.read_bytes() == before
     r = run("era", "restore", "-i", str(tmp_path / "missing.xml"), "-o", str(image))
-    assert r.returncode == 1 and "cannot read input" in r.stderr
+    assert r.returncode == 2 and "cannot read input" in r.stderr
 
 
 def test_check_exit_codes(image: Path) -> None:

@@ -6,6 +6,7 @@ carry their unit (`offset_bytes`, `length_sectors`, `nr_blocks`); these helpers 
 """
 
 import re
+from fractions import Fraction
 
 SECTOR_BYTES = 512
 METADATA_BLOCK_BYTES = 4096
@@ -47,7 +48,9 @@ def parse_size_bytes(text: str) -> int:
         raise ValueError(f"cannot parse size {text!r}: use a number with an optional unit "
                          "s (sectors), K, M, G, T or P (binary multiples)")
     number, unit = match.groups()
-    value = float(number) * _SIZE_UNITS[unit.lower()]
-    if value != int(value):
+    if len(number) > 40:
+        raise ValueError(f"size {text!r} is too large")
+    value = Fraction(number) * _SIZE_UNITS[unit.lower()]
+    if value.denominator != 1:
         raise ValueError(f"size {text!r} is not a whole number of bytes")
     return int(value)

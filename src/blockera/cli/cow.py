@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from blockera.cli.files import open_for_reading, output_file
+from blockera.cli.files import open_for_reading, output_file, refuse_output_over_input
 from blockera.errors import UsageError
 
 
@@ -75,7 +75,7 @@ def changed(cow_path: str, as_json: bool, output: str | None) -> None:
         click.echo("blockera: warning: the snapshot is invalid (header valid=0); origin writes "
                    "after the invalidation were not recorded, so this list is incomplete",
                    err=True)
-    with output_file(output) as out:
+    with output_file(output, inputs=(cow_path,)) as out:
         (write_json if as_json else write_text)(result, out)
 
 
@@ -91,12 +91,17 @@ def changed(cow_path: str, as_json: bool, output: str | None) -> None:
 @click.option("--data", "source", type=click.Choice(["origin", "snapshot"]), default="origin",
               show_default=True, help="origin: the origin's current contents of the changed "
               "chunks; snapshot: the snapshot's contents of them (from the COW).")
-def extract(cow_path: str, origin_path: str, output: str, fmt: str, source: str) -> None:
+@click.option("--force", is_flag=True,
+              help="Replace OUTPUT even if it exists and is not empty.")
+def extract(cow_path: str, origin_path: str, output: str, fmt: str, source: str,
+            force: bool) -> None:
     """Copy out only the changed chunks of a snapshot's origin (or of the snapshot).
 
     sparse: OUTPUT is a new regular file as large as the origin; the changed chunks hold
     their data at their own offsets, everything else is a hole. Get the ranges with
-    `blockera cow changed --json`.
+    `blockera cow changed --json`. OUTPUT is always a new file, never written into: an
+    existing non-empty OUTPUT is refused unless --force replaces it, and OUTPUT may not be
+    the COW or the origin.
 
     \b
     stream (little-endian integers):
@@ -118,11 +123,12 @@ def extract(cow_path: str, origin_path: str, output: str, fmt: str, source: str)
 
     if fmt == "sparse" and output == "-":
         raise UsageError("--format sparse needs a file for -o (use --format stream for stdout)")
+    refuse_output_over_input(output, cow_path, origin_path)
     with open_for_reading(cow_path) as cow_dev, open_for_reading(origin_path) as origin_dev:
         image, _ = load_checked(cow_dev)
         plan = plan_extract(image, origin_dev.size_bytes, source)
         data_dev = origin_dev if source == "origin" else cow_dev
-        with output_file(output) as out:
+        with output_file(output, replace_nonempty=force) as out:
             (write_sparse if fmt == "sparse" else write_stream)(plan, data_dev, out)
     click.echo(f"extracted {plan.data_bytes} bytes of {source} data in {len(plan.segments)} "
                f"ranges ({len(image.table or ())} changed chunks) to {output}", err=True)

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 def _nbd_settings(control_socket: Path, nbd_socket: str | None, nbd_tcp: str | None,
                   allow_remote: bool, no_nbd: bool) -> "NbdSettings | None":
-    from blockera.nbd.engine_service import (NbdSettings, default_nbd_socket_path,
-                                             parse_tcp_address)
+    from blockera.nbd.engine_service import NbdSettings, default_nbd_socket_path
+    from blockera.nbd.listeners import parse_tcp_address
 
     if no_nbd:
         if nbd_socket or nbd_tcp or allow_remote:
@@ -59,14 +59,22 @@ def _nbd_settings(control_socket: Path, nbd_socket: str | None, nbd_tcp: str | N
               help="Allow a --nbd-tcp host reachable from other machines (NBD has no "
                    "authentication or encryption: trusted networks only).")
 @click.option("--no-nbd", is_flag=True, help="Do not export the devices over NBD.")
+@click.option("--allow-path", "allowed_paths", multiple=True, metavar="PATH",
+              help="Tables may name only files and block devices inside PATH (repeatable; "
+                   "symbolic links resolved). Default: any path the daemon can open.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each operation.")
 def daemon(socket_path: str | None, state_dir: str | None, nbd_socket: str | None,
-           nbd_tcp: str | None, nbd_allow_remote: bool, no_nbd: bool, verbose: bool) -> None:
+           nbd_tcp: str | None, nbd_allow_remote: bool, no_nbd: bool,
+           allowed_paths: tuple[str, ...], verbose: bool) -> None:
     """Run the device-mapper engine in the foreground until SIGTERM or Ctrl-C.
 
     Every engine device is exported over NBD under its own name, read and written through
     its table (an era device tracks what NBD clients write). On shutdown NBD clients are
     disconnected, then every device is suspended (so era metadata is committed) and removed.
+
+    Whoever can connect to the control socket (mode 0600: its owner) can make the daemon open
+    and write any file the daemon can; run it as root only for root, or confine it with
+    --allow-path.
 
     \b
     Example:
@@ -85,7 +93,7 @@ def daemon(socket_path: str | None, state_dir: str | None, nbd_socket: str | Non
                         format="blockera daemon: %(message)s")
     path = Path(socket_path) if socket_path else default_socket_path()
     settings = _nbd_settings(path, nbd_socket, nbd_tcp, nbd_allow_remote, no_nbd)
-    engine = Engine()
+    engine = Engine(allowed_paths=list(allowed_paths) if allowed_paths else None)
     services: list[DaemonService] = []
     nbd: EngineNbdService | None = None
     if settings is not None:

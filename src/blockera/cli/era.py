@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from blockera.blockdev import FileDevice
 from blockera.cli.files import open_for_reading, output_file
 from blockera.errors import DeviceError, UsageError
 from blockera.units import parse_size_bytes, SECTOR_BYTES
@@ -38,7 +37,7 @@ def dump(metadata: str, output: str | None, logical: bool, metadata_snapshot: bo
 
     with open_for_reading(metadata) as dev:
         image = EraImage(dev, use_snapshot=metadata_snapshot)
-        with output_file(output) as out:
+        with output_file(output, inputs=(metadata,)) as out:
             dump_xml(image, out, logical=logical)
 
 
@@ -67,7 +66,7 @@ def invalidate(metadata: str, era_threshold: int, metadata_snapshot: bool, outpu
 
     with open_for_reading(metadata) as dev:
         result = written_since(EraImage(dev, use_snapshot=metadata_snapshot), era_threshold)
-        with output_file(output) as out:
+        with output_file(output, inputs=(metadata,)) as out:
             (write_json if as_json else write_xml)(result, out)
 
 
@@ -99,30 +98,32 @@ def check(metadata: str, quiet: bool, super_block_only: bool) -> None:
 
 @era.command()
 @click.option("-i", "--input", "input_path", required=True, type=click.Path(dir_okay=False),
-              help="era_dump XML to restore.")
+              help='era_dump XML to restore ("-" = standard input).')
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
-              help="Metadata device or file (must exist; a file needs room for the metadata).")
+              help="Metadata device, engine device (/dev/mapper/NAME) or file (must exist and "
+                   "have room for the metadata).")
 @click.option("-q", "--quiet", is_flag=True)
 def restore(input_path: str, output_path: str, quiet: bool) -> None:
     """Write fresh era metadata from XML (like era_restore).
 
-    Nothing is written unless the whole input parses and fits.
+    Nothing is written unless the whole input parses and fits: sizes are checked against
+    the output before the input's arrays are even allocated.
 
     \b
     Example:
       truncate -s 4M meta.img
       blockera era restore -i era.xml -o meta.img
     """
+    from blockera.cli.files import open_output_device, refuse_output_over_input
     from blockera.era.restore import write_image
     from blockera.era.xml_parse import parse_era_xml
+    from blockera.units import METADATA_BLOCK_BYTES
 
-    if not Path(output_path).exists():
-        raise DeviceError(f"{output_path}: output file does not exist (create it first, e.g. "
-                          "truncate -s 4M FILE)")
-    desc = parse_era_xml(input_path)
-    with FileDevice(output_path) as dev:
-        if dev.size_bytes < 4096:
+    refuse_output_over_input(output_path, input_path)
+    with open_output_device(output_path) as dev:
+        if dev.size_bytes < METADATA_BLOCK_BYTES:
             raise DeviceError(f"{output_path}: output is smaller than one 4 KiB metadata block")
+        desc = parse_era_xml(input_path, metadata_blocks=dev.size_bytes // METADATA_BLOCK_BYTES)
         used = write_image(dev, desc)
     if not quiet:
         click.echo(f"restored {desc.nr_blocks} blocks, {len(desc.writesets)} writesets, era "

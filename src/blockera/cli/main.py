@@ -32,8 +32,9 @@ def _register() -> None:
     from blockera.cli.dd import dd
     from blockera.cli.dmsetup import dmsetup
     from blockera.cli.era import era
+    from blockera.cli.nbd import nbd
 
-    for command in (era, cow, dmsetup, daemon, dd):
+    for command in (era, cow, dmsetup, daemon, dd, nbd):
         cli.add_command(command)
 
 

@@ -59,10 +59,11 @@ class EngineClient:
     # -- control (same signatures as Engine) ---------------------------------------------------
     def create(self, name: str, table: str | None = None, *, uuid: str = "",
                read_only: bool = False) -> None:
-        self.call("create", name=name, table=table, uuid=uuid, read_only=read_only)
+        self.call("create", name=name, table=table, uuid=uuid, read_only=read_only,
+                  cwd=os.getcwd())
 
     def load(self, name: str, table: str) -> None:
-        self.call("load", name=name, table=table)
+        self.call("load", name=name, table=table, cwd=os.getcwd())
 
     def clear(self, name: str) -> None:
         self.call("clear", name=name)

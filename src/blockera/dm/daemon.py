@@ -44,6 +44,14 @@ def _int(req: dict, key: str) -> int:
     return value
 
 
+def _cwd(req: dict) -> str:
+    """The client's working directory, against which relative paths in its table resolve."""
+    cwd = _str(req, "cwd")
+    if not os.path.isabs(cwd):
+        raise UsageError("request needs the client's working directory as an absolute 'cwd'")
+    return cwd
+
+
 class EngineService:
     """Executes protocol requests against an engine."""
 
@@ -58,8 +66,9 @@ class EngineService:
             "ping": lambda: "pong",
             "create": lambda: e.create(_str(req, "name"), req.get("table"),
                                        uuid=_str(req, "uuid", ""),
-                                       read_only=bool(req.get("read_only"))) and None,
-            "load": lambda: e.load(_str(req, "name"), _str(req, "table")),
+                                       read_only=bool(req.get("read_only")),
+                                       cwd=_cwd(req)) and None,
+            "load": lambda: e.load(_str(req, "name"), _str(req, "table"), cwd=_cwd(req)),
             "clear": lambda: e.clear(_str(req, "name")),
             "suspend": lambda: e.suspend(_str(req, "name")),
             "resume": lambda: e.resume(_str(req, "name")),

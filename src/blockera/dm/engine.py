@@ -37,12 +37,18 @@ def _default_file_opener(path: str, writable: bool) -> BlockDevice:
 
 class Engine:
     """Devices of one engine. `file_opener(path, writable)` opens image files and block
-    devices (tests wrap it to log writes)."""
+    devices (tests wrap it to log writes). With `allowed_paths`, tables may name only files
+    and block devices inside those directories (or those exact paths), symbolic links
+    resolved. Relative paths in a table are resolved against the `cwd` given with the table
+    (the client's working directory), else the engine's own."""
 
     def __init__(self, *, file_opener: FileOpener = _default_file_opener,
-                 major: int = DM_MAJOR) -> None:
+                 major: int = DM_MAJOR, allowed_paths: list[str] | None = None) -> None:
         self.file_opener = file_opener
         self.major = major
+        self.allowed_paths = (None if allowed_paths is None
+                              else [Path(p).resolve() for p in allowed_paths])
+        self._table_cwd: str | None = None
         self.devices: dict[str, MappedDevice] = {}
         self.lock = threading.RLock()
         self._next_minor = 0
@@ -80,6 +86,15 @@ class Engine:
         match = _DEVT_RE.match(path)
         if match:
             path = f"/dev/block/{path}"
+        if not os.path.isabs(path):
+            path = os.path.join(self._table_cwd or os.getcwd(), path)
+        if self.allowed_paths is not None:
+            real = Path(path).resolve()
+            if not any(real == allowed or allowed in real.parents
+                       for allowed in self.allowed_paths):
+                raise DeviceError(f"{path}: not inside a path this engine may open "
+                                  f"({', '.join(map(str, self.allowed_paths))}; see the "
+                                  "daemon's --allow-path)", errno_name="EACCES")
         try:
             st = os.stat(path)
         except OSError as exc:
@@ -116,9 +131,10 @@ class Engine:
             raise DeviceMapperError(f"{name}: no such device", errno_name="ENXIO")
         return dev
 
-    def _build(self, name: str, text: str) -> Table:
+    def _build(self, name: str, text: str, cwd: str | None) -> Table:
         lines = parse_table(text)
         targets = []
+        self._table_cwd = cwd
         try:
             for line in lines:
                 try:
@@ -126,14 +142,38 @@ class Engine:
                                              list(line.args)))
                 except TableError as exc:
                     raise TableError(f"{line.target}: {exc}", errno_name=exc.errno_name) from None
+            self._refuse_cycle(name, targets)
         except BaseException:
             for target in targets:
                 target.destroy()
             raise
+        finally:
+            self._table_cwd = None
         return Table(lines, targets)
 
+    def _refuse_cycle(self, name: str, targets: list) -> None:
+        """A table of `name` may not use `name` itself, directly or through other devices."""
+        path = [name]
+
+        def visit(dev: MappedDevice) -> None:
+            path.append(dev.name)
+            if dev.name == name:
+                raise TableError(f"device {name} would use itself ({' -> '.join(path)}): "
+                                 "device-mapper devices cannot be stacked in a cycle")
+            for table in (dev.live, dev.inactive):
+                for target in table.targets if table else ():
+                    for ref in target.held:
+                        if isinstance(ref.dev, MappedDevice):
+                            visit(ref.dev)
+            path.pop()
+
+        for target in targets:
+            for ref in target.held:
+                if isinstance(ref.dev, MappedDevice):
+                    visit(ref.dev)
+
     def create(self, name: str, table: str | None = None, *, uuid: str = "",
-               read_only: bool = False) -> MappedDevice:
+               read_only: bool = False, cwd: str | None = None) -> MappedDevice:
         """dmsetup create: a new device; with a table, load it and resume."""
         with self.lock:
             if not _NAME_RE.match(name):
@@ -144,7 +184,7 @@ class Engine:
                 raise DeviceMapperError(f"uuid {uuid} is already in use", errno_name="EBUSY")
             dev = MappedDevice(name, self.major, self._next_minor, uuid, read_only)
             if table is not None:
-                dev.load(self._build(name, table))
+                dev.load(self._build(name, table, cwd))
             self._next_minor += 1
             self.devices[name] = dev
             if table is not None:
@@ -155,10 +195,10 @@ class Engine:
                     raise
             return dev
 
-    def load(self, name: str, table: str) -> None:
+    def load(self, name: str, table: str, *, cwd: str | None = None) -> None:
         with self.lock:
             dev = self.device(name)
-            dev.load(self._build(name, table))
+            dev.load(self._build(name, table, cwd))
 
     def clear(self, name: str) -> None:
         with self.lock:

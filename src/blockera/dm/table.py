@@ -2,14 +2,21 @@
 
 A table is one or more lines that must start at sector 0 and follow each other without gaps,
 like the kernel requires (dm_table_add_target: "Gap in table"). Blank lines and `#` comments
-are ignored, as dmsetup ignores them in table files.
+are ignored, as dmsetup ignores them in table files. Start and length are ASCII decimal
+numbers below 2^64 (what the kernel's parser takes), and the whole device must stay below
+2^63 bytes, the largest size Linux (and an NBD client) can address.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from blockera.errors import TableError
+from blockera.units import SECTOR_BYTES
+
+MAX_DEVICE_SECTORS = ((1 << 63) - 1) // SECTOR_BYTES
+_DECIMAL = re.compile(r"[0-9]{1,20}\Z")
 
 
 @dataclass(frozen=True)
@@ -25,8 +32,10 @@ class TableLine:
 
 
 def _sector_count(text: str, what: str, line_no: int) -> int:
-    if not text.isdigit():
-        raise TableError(f"line {line_no}: {what} {text!r} is not a whole number of sectors")
+    if not _DECIMAL.match(text) or int(text) >= 1 << 64:
+        shown = text if len(text) <= 30 else f"{text[:30]}..."
+        raise TableError(f"line {line_no}: {what} {shown!r} is not a whole number of sectors "
+                         "(ASCII digits, below 2^64)")
     return int(text)
 
 
@@ -48,6 +57,10 @@ def parse_table(text: str) -> list[TableLine]:
         if start != expected_start:
             raise TableError(f"line {line_no}: Gap in table: target starts at sector {start}, "
                              f"the previous one ends at {expected_start}")
+        if start + length > MAX_DEVICE_SECTORS:
+            raise TableError(f"line {line_no}: the device would end at sector {start + length}, "
+                             f"beyond the largest device Linux can address "
+                             f"({MAX_DEVICE_SECTORS} sectors)")
         lines.append(TableLine(start, length, words[2], tuple(words[3:])))
         expected_start = start + length
     if not lines:

@@ -20,7 +20,8 @@ import numpy as np
 
 from blockera.blockdev import BlockDevice
 from blockera.errors import MetadataError
-from blockera.era.superblock import SUPERBLOCK, SUPERBLOCK_LOCATION, Superblock
+from blockera.era.superblock import (SUPERBLOCK, SUPERBLOCK_LOCATION, Superblock,
+                                     structural_problems)
 from blockera.pdata.array import ARRAY_HEADER_BYTES, array_block_header, array_max_entries
 from blockera.pdata.bitset import words_for_bits
 from blockera.pdata.block_manager import BlockManager
@@ -29,7 +30,6 @@ from blockera.pdata.btree import INTERNAL_NODE, LEAF_NODE, MAX_DEPTH, NODE_HEADE
 from blockera.pdata.checksum import ARRAY_BLOCK, BITMAP_BLOCK, BTREE_NODE, INDEX_BLOCK
 from blockera.pdata.space_map import (ENTRIES_PER_BITMAP, MAX_METADATA_BLOCKS, SpaceMapRoot,
                                       decode_bitmap, nr_bitmaps)
-from blockera.units import METADATA_BLOCK_SECTORS
 
 KNOWN_FLAGS = 1   # bit 0: clean shutdown (thin-provisioning-tools)
 
@@ -93,25 +93,10 @@ class EraChecker:
             head = self.bm.read_raw(0)[:64].lstrip()
             self.report.looks_like_xml = head.startswith((b"<superblock", b"<?xml", b"<!DOCTYPE"))
             return None
-        problems = []
         if sb.flags & ~KNOWN_FLAGS:
             # the kernel ignores the flags word and writes 0 at its next commit
             self.report.warnings.append(f"superblock has unknown flags {sb.flags:#x}")
-        if sb.metadata_block_size != METADATA_BLOCK_SECTORS:
-            problems.append(f"metadata block size is {sb.metadata_block_size} sectors, not 8")
-        if not sb.writeset_tree_root:
-            problems.append("writeset tree root is 0")
-        if not sb.era_array_root:
-            problems.append("era array root is 0")
-        if sb.writeset_tree_root and sb.writeset_tree_root == sb.era_array_root:
-            problems.append("writeset tree and era array share a root")
-        for name, loc in (("writeset tree root", sb.writeset_tree_root),
-                          ("era array root", sb.era_array_root),
-                          ("current writeset root", sb.current_writeset.root),
-                          ("metadata snapshot", sb.metadata_snap)):
-            if loc >= self.bm.nr_blocks:
-                problems.append(f"{name} {loc} is beyond the end of the device "
-                                f"({self.bm.nr_blocks} blocks)")
+        problems = structural_problems(sb, self.bm.nr_blocks)
         for p in problems:
             self.error(f"superblock is invalid: {p}")
         return None if problems else sb

@@ -22,11 +22,11 @@ from blockera.pdata.block_manager import BlockManager
 from blockera.pdata.btree import BTree, ValueType
 from blockera.pdata.space_map import MetadataSpaceMap
 from blockera.pdata.transaction import TransactionManager
-from blockera.era.superblock import SUPERBLOCK, SUPERBLOCK_LOCATION, Superblock, Writeset
+from blockera.era.superblock import (MAX_ORIGIN_BLOCKS, SUPERBLOCK, SUPERBLOCK_LOCATION,
+                                     Superblock, Writeset)
 from blockera.units import METADATA_BLOCK_BYTES
 
 INSERTS_PER_STEP = 100
-MAX_ORIGIN_BLOCKS = 1 << 31
 _U32 = struct.Struct("<I")
 
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from blockera.blockdev import BlockDevice
 from blockera.errors import MetadataError
-from blockera.era.superblock import SUPERBLOCK, SUPERBLOCK_LOCATION, Superblock, Writeset
+from blockera.era.superblock import (SUPERBLOCK, SUPERBLOCK_LOCATION, Superblock, Writeset,
+                                     structural_problems)
 from blockera.pdata.bitset import words_for_bits
 from blockera.pdata.block_manager import BlockManager
 from blockera.pdata.reader import read_array, walk_btree
@@ -55,6 +56,7 @@ class EraImage:
             raise MetadataError(f"{dev.name}: metadata device/file too small (less than one "
                                 "4 KiB block); is this binary era metadata?")
         self.live = Superblock.unpack(self.bm.read(SUPERBLOCK_LOCATION, SUPERBLOCK))
+        _refuse_unusable(self.live, self.bm.nr_blocks, "superblock")
         self.from_snapshot = use_snapshot
         if use_snapshot:
             if not self.live.metadata_snap:
@@ -62,6 +64,7 @@ class EraImage:
                                     "era device first")
             self.bm.check_location(self.live.metadata_snap, "metadata snapshot")
             self.sb = Superblock.unpack(self.bm.read(self.live.metadata_snap, SUPERBLOCK))
+            _refuse_unusable(self.sb, self.bm.nr_blocks, "metadata snapshot")
         else:
             self.sb = self.live
 
@@ -134,6 +137,14 @@ class EraImage:
             np.maximum(eras[: len(bits)], np.where(bits, ws.era, 0).astype(np.uint32),
                        out=eras[: len(bits)])
         return eras
+
+
+def _refuse_unusable(sb: Superblock, device_blocks: int, what: str) -> None:
+    problems = structural_problems(sb, device_blocks)
+    if what != "superblock":     # a snapshot's current writeset is not used
+        problems = [p for p in problems if "current writeset" not in p]
+    if problems:
+        raise MetadataError(f"{what} is invalid: {'; '.join(problems)} (see era check)")
 
 
 def mask_to_ranges(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from blockera.era.superblock import MAX_ORIGIN_BLOCKS
 from blockera.pdata.array import array_max_entries
 from blockera.pdata.btree import calc_max_entries
 from blockera.pdata.space_map import MAX_METADATA_BLOCKS, nr_bitmaps
@@ -44,26 +45,27 @@ class MetadataSize:
     writeset_blocks: int
     writeset_nodes: int
     minimum_blocks: int
-    with_snapshot_blocks: int
-    recommended_blocks: int
+    with_snapshot_blocks: int | None      # None: more than a metadata device can address
+    recommended_blocks: int | None
     checkpoints: int
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | None]:
         d = asdict(self)
         for key in ("minimum", "with_snapshot", "recommended"):
             blocks = d[f"{key}_blocks"]
-            d[f"{key}_bytes"] = blocks * METADATA_BLOCK_BYTES
-            d[f"{key}_sectors"] = blocks * METADATA_BLOCK_SECTORS
+            d[f"{key}_bytes"] = None if blocks is None else blocks * METADATA_BLOCK_BYTES
+            d[f"{key}_sectors"] = None if blocks is None else blocks * METADATA_BLOCK_SECTORS
         return d
 
 
-def _fit(structure_blocks: int) -> int:
+def _fit(structure_blocks: int) -> int | None:
     """Smallest device (in blocks) holding `structure_blocks` plus its own space-map bitmaps
-    and the transaction slack."""
+    and the transaction slack; None beyond what the metadata space map can address. (The
+    iteration climbs to the least fixed point of a monotone function: a few steps.)"""
     m = structure_blocks + 1 + TRANSACTION_SLACK
-    while structure_blocks + nr_bitmaps(m) + TRANSACTION_SLACK > m:
-        m += 1
-    return min(m, MAX_METADATA_BLOCKS)
+    while (need := structure_blocks + nr_bitmaps(m) + TRANSACTION_SLACK) > m:
+        m = need
+    return m if m <= MAX_METADATA_BLOCKS else None
 
 
 def metadata_size(origin_sectors: int, block_sectors: int, checkpoints: int = 2) -> MetadataSize:
@@ -75,6 +77,11 @@ def metadata_size(origin_sectors: int, block_sectors: int, checkpoints: int = 2)
     if block_sectors <= 0 or block_sectors % 8:
         raise ValueError("the era block size must be a positive multiple of 8 sectors")
     n = div_up(origin_sectors, block_sectors)
+    if n >= MAX_ORIGIN_BLOCKS:
+        smallest = div_up(div_up(origin_sectors, MAX_ORIGIN_BLOCKS - 1), 8) * 8
+        raise ValueError(f"the origin has {n} blocks of {block_sectors} sectors; the era target "
+                         f"tracks at most {MAX_ORIGIN_BLOCKS - 1} blocks: use a block size of "
+                         f"at least {smallest} sectors")
     a = div_up(n, ERA_ENTRIES_PER_BLOCK)
     na = appended_btree_nodes(a)
     w = div_up(div_up(n, 64), WORDS_PER_BLOCK)
@@ -83,12 +90,20 @@ def metadata_size(origin_sectors: int, block_sectors: int, checkpoints: int = 2)
     create = 4 + a + na + w + nw
     snapshot = create + 2 * (w + nw) + 1
     recommended = create + (2 + checkpoints) * (w + nw) + 1 + a + na
-    return MetadataSize(n, a, na, w, nw, _fit(create), _fit(snapshot), _fit(recommended),
+    minimum = _fit(create)
+    if minimum is None:
+        raise ValueError(f"{n} blocks of {block_sectors} sectors need more metadata than a "
+                         f"metadata device can address ({MAX_METADATA_BLOCKS} blocks of 4 KiB): "
+                         "use a larger block size")
+    return MetadataSize(n, a, na, w, nw, minimum, _fit(snapshot), _fit(recommended),
                         checkpoints)
 
 
 def describe(size: MetadataSize, origin_sectors: int, block_sectors: int) -> str:
-    def line(label: str, blocks: int) -> str:
+    def line(label: str, blocks: int | None) -> str:
+        if blocks is None:
+            return (f"{label:<58} not possible: more than a metadata device can address "
+                    f"({MAX_METADATA_BLOCKS} blocks); use a larger block size")
         return (f"{label:<58} {blocks:>9} blocks = {blocks * 4:>10} KiB = "
                 f"{blocks * METADATA_BLOCK_SECTORS:>11} sectors")
 

@@ -11,6 +11,8 @@ import struct
 from dataclasses import dataclass, field
 
 from blockera.errors import MetadataError
+from blockera.pdata.array import array_max_entries
+from blockera.pdata.bitset import words_for_bits
 from blockera.pdata.checksum import SUPERBLOCK_CSUM_XOR, Validator, block_checksum, stored_checksum
 from blockera.pdata.space_map import SpaceMapRoot
 from blockera.units import METADATA_BLOCK_BYTES, METADATA_BLOCK_SECTORS
@@ -19,6 +21,7 @@ SUPERBLOCK_LOCATION = 0
 SUPERBLOCK_MAGIC = 2126579579
 ERA_VERSION = 1
 SM_ROOT_FIELD_BYTES = 128
+MAX_ORIGIN_BLOCKS = 1 << 31       # the kernel refuses an origin of 2^31 blocks or more
 _LAYOUT = struct.Struct("<IIQ16sQI128sIIIIIQQQQ")
 assert _LAYOUT.size == 224
 WRITESET_RECORD = struct.Struct("<IQ")   # nr_bits, bitset root (packed: 12 bytes)
@@ -81,6 +84,39 @@ class Superblock:
     @property
     def space_map_root(self) -> SpaceMapRoot:
         return SpaceMapRoot.unpack(self.sm_root)
+
+
+def structural_problems(sb: Superblock, device_blocks: int) -> list[str]:
+    """What makes a superblock (checksum already verified) unusable on a device of
+    `device_blocks` metadata blocks: found before anything is allocated for its structures."""
+    problems = []
+    if sb.metadata_block_size != METADATA_BLOCK_SECTORS:
+        problems.append(f"metadata block size is {sb.metadata_block_size} sectors, not "
+                        f"{METADATA_BLOCK_SECTORS}")
+    if not sb.writeset_tree_root:
+        problems.append("writeset tree root is 0")
+    if not sb.era_array_root:
+        problems.append("era array root is 0")
+    if sb.writeset_tree_root and sb.writeset_tree_root == sb.era_array_root:
+        problems.append("writeset tree and era array share a root")
+    for name, loc in (("writeset tree root", sb.writeset_tree_root),
+                      ("era array root", sb.era_array_root),
+                      ("current writeset root", sb.current_writeset.root),
+                      ("metadata snapshot", sb.metadata_snap)):
+        if loc >= device_blocks:
+            problems.append(f"{name} {loc} is beyond the end of the device "
+                            f"({device_blocks} blocks)")
+    for name, count, entries, value_size in (
+            ("nr_blocks", sb.nr_blocks, sb.nr_blocks, 4),
+            ("current writeset nr_bits", sb.current_writeset.nr_bits,
+             words_for_bits(sb.current_writeset.nr_bits), 8)):
+        if count >= MAX_ORIGIN_BLOCKS:
+            problems.append(f"{name} {count} is beyond the era target's limit "
+                            f"({MAX_ORIGIN_BLOCKS - 1})")
+        elif -(-entries // array_max_entries(value_size)) > device_blocks:
+            problems.append(f"{name} {count} cannot fit a metadata device of {device_blocks} "
+                            "blocks")
+    return problems
 
 
 class SuperblockValidator(Validator):

@@ -14,7 +14,10 @@ DOCTYPE go to expat instead. Either way every element is checked and errors name
 from __future__ import annotations
 
 import mmap
+import os
 import re
+import stat
+import sys
 import xml.parsers.expat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +25,14 @@ from typing import Callable
 
 import numpy as np
 
-from blockera.errors import XmlInputError
+from blockera.errors import DeviceError, NoSpaceError, XmlInputError
+from blockera.era.superblock import MAX_ORIGIN_BLOCKS
+from blockera.pdata.array import array_max_entries
 from blockera.pdata.bitset import words_for_bits
 
 U32_MAX = (1 << 32) - 1
-MAX_ORIGIN_BLOCKS = (1 << 31) - 1
 CHUNK_BYTES = 1 << 26
+_ASCII_DECIMAL = re.compile(r"[0-9]{1,20}\Z")
 
 
 @dataclass
@@ -52,7 +57,9 @@ class EraDescription:
 class _Builder:
     """Receives parse events, checks nesting and attribute values, accumulates the image."""
 
-    def __init__(self) -> None:
+    def __init__(self, metadata_blocks: int | None = None) -> None:
+        self.metadata_blocks = metadata_blocks
+        self.needed_blocks = 1          # the superblock; arrays are added as they are declared
         self.result: EraDescription | None = None
         self.finished = False
         self.stack: list[str] = []
@@ -67,12 +74,25 @@ class _Builder:
         if name not in attrs:
             raise XmlInputError(f"<{tag}> is missing attribute {name!r}", line=line)
         text = attrs[name].strip()
-        if not text.isdigit():
-            raise XmlInputError(f"<{tag} {name}={text!r}>: not a non-negative integer", line=line)
+        if not _ASCII_DECIMAL.match(text):
+            shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
+            raise XmlInputError(f"<{tag} {name}={shown!r}>: not a non-negative integer "
+                                f"(ASCII decimal digits, at most {limit})", line=line)
         value = int(text)
         if value > limit:
             raise XmlInputError(f"<{tag} {name}={text!r}>: larger than {limit}", line=line)
         return value
+
+    def _reserve(self, entries: int, value_size: int, what: str, line: int) -> None:
+        """Count the array blocks `what` needs at least, before its memory is allocated:
+        refuse input whose arrays alone cannot fit the output."""
+        self.needed_blocks += -(-entries // array_max_entries(value_size))
+        if self.metadata_blocks is not None and self.needed_blocks > self.metadata_blocks:
+            raise NoSpaceError(
+                f"metadata device too small: {what} (line {line}) needs at least "
+                f"{self.needed_blocks} metadata blocks with what comes before it, the output "
+                f"has {self.metadata_blocks}: use a larger output, or check the sizes in the "
+                "XML")
 
     def _context(self, expected: str, tag: str, line: int) -> None:
         if not self.stack or self.stack[-1] != expected:
@@ -90,20 +110,27 @@ class _Builder:
             if "uuid" not in attrs:
                 raise XmlInputError("<superblock> is missing attribute 'uuid'", line=line)
             block_size = self._int(attrs, "block_size", tag, line)
-            nr_blocks = self._int(attrs, "nr_blocks", tag, line, MAX_ORIGIN_BLOCKS)
+            nr_blocks = self._int(attrs, "nr_blocks", tag, line, MAX_ORIGIN_BLOCKS - 1)
             current_era = self._int(attrs, "current_era", tag, line)
             if block_size == 0 or block_size % 8:
                 raise XmlInputError(f"<superblock block_size=\"{block_size}\">: the era target "
                                     "needs a block size that is a positive multiple of 8 "
                                     "sectors", line=line)
+            self._reserve(nr_blocks, 4, f"the era array of {nr_blocks} blocks", line)
             self.result = EraDescription(attrs["uuid"], block_size, nr_blocks, current_era,
                                          [], np.zeros(nr_blocks, dtype=np.uint32))
         elif tag == "writeset":
             self._context("superblock", tag, line)
             era = self._int(attrs, "era", tag, line)
-            nr_bits = self._int(attrs, "nr_bits", tag, line, MAX_ORIGIN_BLOCKS)
+            nr_bits = self._int(attrs, "nr_bits", tag, line, MAX_ORIGIN_BLOCKS - 1)
             if era in self.seen_eras:
                 raise XmlInputError(f"a second <writeset> for era {era}", line=line)
+            assert self.result is not None
+            if era > self.result.current_era:
+                raise XmlInputError(f"<writeset era=\"{era}\"> is after the current era "
+                                    f"{self.result.current_era}", line=line)
+            self._reserve(words_for_bits(nr_bits), 8, f"the writeset of era {era} "
+                          f"({nr_bits} bits)", line)
             self.seen_eras.add(era)
             self.ws = WritesetDescription(era, nr_bits,
                                           np.zeros(words_for_bits(nr_bits), dtype=np.uint64))
@@ -183,10 +210,10 @@ class _Builder:
             i = int(bad[0])
             raise XmlInputError(f"<era block=\"{int(blocks[i])}\"> is outside the era array "
                                 f"of {result.nr_blocks} blocks", line=line_of(i))
-        bad = np.flatnonzero(eras > U32_MAX)
+        bad = np.flatnonzero(eras > result.current_era)
         if len(bad):
-            raise XmlInputError(f"<era era=\"{int(eras[bad[0]])}\"> is larger than "
-                                f"{U32_MAX}", line=line_of(int(bad[0])))
+            raise XmlInputError(f"<era era=\"{int(eras[bad[0]])}\"> is after the current era "
+                                f"{result.current_era}", line=line_of(int(bad[0])))
         result.era_array[blocks.astype(np.intp)] = eras.astype(np.uint32)
 
     def finish(self) -> EraDescription:
@@ -423,8 +450,9 @@ class _FastScanner:
             prev = tag_index + 1
 
 
-def _parse_with_expat(data: bytes | mmap.mmap) -> EraDescription:
-    builder = _Builder()
+def _parse_with_expat(data: bytes | mmap.mmap,
+                      metadata_blocks: int | None = None) -> EraDescription:
+    builder = _Builder(metadata_blocks)
     parser = xml.parsers.expat.ParserCreate()
     parser.buffer_text = True
 
@@ -450,28 +478,40 @@ def _parse_with_expat(data: bytes | mmap.mmap) -> EraDescription:
     return builder.finish()
 
 
-def parse_era_xml(path: str | Path) -> EraDescription:
-    """Parse an era metadata XML file."""
+def parse_era_xml(path: str | Path, metadata_blocks: int | None = None) -> EraDescription:
+    """Parse an era metadata XML file; "-" is standard input. A regular file is mapped,
+    anything else (a pipe) is read whole. With `metadata_blocks`, input whose arrays cannot fit
+    that many metadata blocks is refused before their memory is allocated."""
     try:
-        with open(path, "rb") as f:
-            if f.seek(0, 2) == 0:
-                raise XmlInputError(f"{path}: the input file is empty")
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if str(path) == "-":
+            data: bytes | mmap.mmap = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    data = f.read()
+                elif f.seek(0, 2) == 0:
+                    data = b""
+                else:
+                    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as exc:
-        raise XmlInputError(f"{path}: cannot read input: {exc.strerror}") from None
+        raise DeviceError(f"{path}: cannot read input: {exc.strerror}") from None
+    if not data:
+        raise XmlInputError(f"{path}: the input is empty")
     try:
-        return parse_era_xml_bytes(data)
+        return parse_era_xml_bytes(data, metadata_blocks)
     finally:
-        try:
-            data.close()
-        except BufferError:
-            pass   # an error's traceback still holds views of the buffer; it is freed with them
+        if isinstance(data, mmap.mmap):
+            try:
+                data.close()
+            except BufferError:
+                pass   # an error's traceback still holds views of the buffer; freed with them
 
 
-def parse_era_xml_bytes(data: bytes | mmap.mmap) -> EraDescription:
-    builder = _Builder()
+def parse_era_xml_bytes(data: bytes | mmap.mmap,
+                        metadata_blocks: int | None = None) -> EraDescription:
+    builder = _Builder(metadata_blocks)
     try:
         _FastScanner(data, builder).run()
     except _NotCanonical:
-        return _parse_with_expat(data)
+        return _parse_with_expat(data, metadata_blocks)
     return builder.finish()

@@ -43,6 +43,7 @@ class Connection:
         self._stop_requested = False
         self._transmission: Transmission | None = None
         self._release: Release | None = None
+        self.in_handshake = True     # until transmission starts or the connection ends
 
     def start(self) -> None:
         threading.Thread(target=self._run, name=f"nbd {self.peer}", daemon=True).start()
@@ -67,6 +68,7 @@ class Connection:
             pass
 
     def _finish(self) -> None:
+        self.in_handshake = False
         try:
             self.sock.close()
         finally:
@@ -115,6 +117,7 @@ class Connection:
                         self.sock, reader, negotiated, self._limits,
                         max_workers=self._max_workers, peer=self.peer,
                         on_finished=self._finish)
+                    self.in_handshake = False
         if self._transmission is None:
             self._finish()
             return

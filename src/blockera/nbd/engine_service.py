@@ -21,7 +21,6 @@ from pathlib import Path
 from blockera.dm.engine import Engine
 from blockera.errors import UsageError
 from blockera.nbd.engine_exports import EngineExports
-from blockera.nbd.listeners import DEFAULT_TCP_HOST, NBD_PORT
 from blockera.nbd.server import NbdServer, serve
 
 log = logging.getLogger(__name__)
@@ -32,25 +31,6 @@ DEFAULT_STOP_TIMEOUT_S = 10.0
 def default_nbd_socket_path(control_socket: Path) -> Path:
     """The NBD socket beside a control socket: `DIR/NAME.sock` -> `DIR/NAME-nbd.sock`."""
     return control_socket.with_name(f"{control_socket.stem}-nbd.sock")
-
-
-def parse_tcp_address(text: str) -> tuple[str, int]:
-    """`PORT`, `HOST:PORT` or `[IPV6]:PORT` as (host, port); the host defaults to 127.0.0.1."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = DEFAULT_TCP_HOST, text
-    host = host.strip("[]") if host.startswith("[") else host
-    if ":" in host and not text.startswith("["):
-        raise UsageError(f"bad TCP address {text!r}: write an IPv6 address in brackets, "
-                         "e.g. [::1]:10809")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise UsageError(f"bad TCP address {text!r}: use PORT or HOST:PORT, "
-                         f"e.g. {DEFAULT_TCP_HOST}:{NBD_PORT}") from None
-    if not 0 <= port <= 65535:
-        raise UsageError(f"bad TCP port {port} in {text!r}: use 0 to 65535 (0: any free port)")
-    return host or DEFAULT_TCP_HOST, port
 
 
 @dataclass(frozen=True)

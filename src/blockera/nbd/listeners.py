@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from blockera.errors import ListenError
+from blockera.errors import ListenError, UsageError
 from blockera.nbd.errors import RemoteBindRefusedError
 
 DEFAULT_TCP_HOST = "127.0.0.1"
@@ -55,3 +55,22 @@ def open_tcp_listener(host: str | None, port: int, *, allow_remote: bool = False
         sock.close()
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     return sock
+
+
+def parse_tcp_address(text: str) -> tuple[str, int]:
+    """`PORT`, `HOST:PORT` or `[IPV6]:PORT` as (host, port); the host defaults to 127.0.0.1."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = DEFAULT_TCP_HOST, text
+    host = host.strip("[]") if host.startswith("[") else host
+    if ":" in host and not text.startswith("["):
+        raise UsageError(f"bad TCP address {text!r}: write an IPv6 address in brackets, "
+                         "e.g. [::1]:10809")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise UsageError(f"bad TCP address {text!r}: use PORT or HOST:PORT, "
+                         f"e.g. {DEFAULT_TCP_HOST}:{NBD_PORT}") from None
+    if not 0 <= port <= 65535:
+        raise UsageError(f"bad TCP port {port} in {text!r}: use 0 to 65535 (0: any free port)")
+    return host or DEFAULT_TCP_HOST, port

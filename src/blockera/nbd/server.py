@@ -28,8 +28,9 @@ from blockera.unix_socket import open_unix_listener, remove_own_socket, socket_i
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONNECTIONS = 128
+DEFAULT_MAX_HANDSHAKES = 32
 DEFAULT_WORKERS_PER_CONNECTION = 16
-DEFAULT_HANDSHAKE_TIMEOUT_S = 30.0
+DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class NbdServer:
@@ -38,7 +39,12 @@ class NbdServer:
     Listens on `unix_path` and/or `tcp` = (host, port); port 0 picks a free port (read it back
     from `tcp_address`). A TCP host that is not a loopback address is refused unless
     `allow_remote` is true. `read_only` exports everything read-only; `default_export` is the
-    export served to clients that ask for the empty name."""
+    export served to clients that ask for the empty name.
+
+    Connections still in the handshake are counted apart from those being served: at most
+    `max_handshakes` at once, each for at most `handshake_timeout_s`; when a new one arrives
+    while that many are waiting, the oldest waiting one is dropped (a real client finishes its
+    handshake in milliseconds), so idle connections cannot lock clients out."""
 
     def __init__(self, exports: ExportSource, *,
                  unix_path: str | os.PathLike[str] | None = None,
@@ -49,6 +55,7 @@ class NbdServer:
                  limits: BlockLimits | None = None,
                  workers_per_connection: int = DEFAULT_WORKERS_PER_CONNECTION,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
                  handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
                  unix_mode: int = 0o600) -> None:
         if unix_path is None and tcp is None:
@@ -57,8 +64,9 @@ class NbdServer:
         if workers_per_connection < 1:
             raise UsageError(f"workers_per_connection must be at least 1, "
                              f"not {workers_per_connection}")
-        if max_connections < 1:
-            raise UsageError(f"max_connections must be at least 1, not {max_connections}")
+        if max_connections < 1 or max_handshakes < 1:
+            raise UsageError(f"max_connections and max_handshakes must be at least 1, not "
+                             f"{max_connections} and {max_handshakes}")
         if handshake_timeout_s <= 0:
             raise UsageError(f"handshake_timeout_s must be positive, not {handshake_timeout_s}")
         self._resolver = ExportResolver(exports, read_only=read_only,
@@ -66,6 +74,7 @@ class NbdServer:
         self._limits = limits if limits is not None else BlockLimits()
         self._workers = workers_per_connection
         self._max_connections = max_connections
+        self._max_handshakes = max_handshakes
         self._handshake_timeout_s = handshake_timeout_s
         self._unix_path = Path(unix_path) if unix_path is not None else None
         self._unix_mode = unix_mode
@@ -74,7 +83,7 @@ class NbdServer:
         self._listeners: list[socket.socket] = []
         self._unix_inode: tuple[int, int] | None = None
         self._lock = threading.Lock()
-        self._connections: set[Connection] = set()
+        self._connections: dict[Connection, None] = {}    # insertion order: oldest first
         self._stopping = False
         self._accepted = 0
         self._accept_thread: threading.Thread | None = None
@@ -147,27 +156,33 @@ class NbdServer:
         else:
             peer = f"connection {self._accepted} (unix)"
         with self._lock:
-            if len(self._connections) >= self._max_connections:
-                log.warning("%s: refused, already %d connections", peer, self._max_connections)
+            waiting = [c for c in self._connections if c.in_handshake]
+            if len(self._connections) - len(waiting) >= self._max_connections:
+                log.warning("%s: refused, already serving %d connections", peer,
+                            self._max_connections)
                 sock.close()
                 return
+            if len(waiting) >= self._max_handshakes:
+                log.warning("%s: %d connections in the handshake; dropping the oldest, %s",
+                            peer, len(waiting), waiting[0].peer)
+                waiting[0].stop()
             conn = Connection(sock, peer, resolver=self._resolver, limits=self._limits,
                               max_workers=self._workers,
                               handshake_timeout_s=self._handshake_timeout_s,
                               stopping=lambda: self._stopping, on_closed=self._closed)
-            self._connections.add(conn)
+            self._connections[conn] = None
         log.debug("%s: connected", peer)
         try:
             conn.start()
         except RuntimeError:
             log.error("%s: cannot start a thread for the connection", peer)
             with self._lock:
-                self._connections.discard(conn)
+                self._connections.pop(conn, None)
             sock.close()
 
     def _closed(self, conn: Connection) -> None:
         with self._lock:
-            self._connections.discard(conn)
+            self._connections.pop(conn, None)
         log.debug("%s: closed", conn.peer)
 
     # -- stop --------------------------------------------------------------------------------

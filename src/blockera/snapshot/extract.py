@@ -97,7 +97,7 @@ def plan_extract(image: CowImage, origin_bytes: int, source: str) -> ExtractPlan
         for b, e in zip(begins.tolist(), ends.tolist()):
             start = b * chunk_bytes
             segments.append(Segment(start, min(e * chunk_bytes, origin_bytes) - start, start))
-    else:
+    elif len(table):
         order = np.argsort(table.old, kind="stable")
         old, new = table.old[order], table.new[order]
         breaks = np.flatnonzero((np.diff(old) != 1) | (np.diff(new) != 1)) + 1
