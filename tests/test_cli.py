@@ -45,7 +45,8 @@ def test_help_everywhere() -> None:
 def test_invalidate_json_and_output_file(image: Path, tmp_path: Path) -> None:
     r = run("era", "invalidate", "--written-since", "2", "--json", str(image))
     assert r.returncode == 0
-    assert json.loads(r.stdout) == {"nr_blocks": 8, "written_since": 2, "ranges": [[2, 3], [6, 7]]}
+    assert json.loads(r.stdout) == {"nr_blocks": 8, "written_since": 2, "ranges": [[2, 3], [6, 7]],
+                                    "block_size_sectors": 128}
     out = tmp_path / "out.xml"
     assert run("era", "invalidate", "--written-since", "1", "-o", str(out), str(image)).returncode == 0
     assert out.read_text() == ('<blocks>\n  <range begin="1" end = "3"/>\n'

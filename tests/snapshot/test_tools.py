@@ -91,13 +91,13 @@ def test_changed_ranges_text_and_json(tmp_path: Path) -> None:
     assert r.returncode == 0 and (tmp_path / "list.txt").read_text().splitlines()[1:] == lines[1:]
 
 
-def test_changed_on_an_invalid_snapshot_warns(tmp_path: Path) -> None:
+def test_changed_on_an_invalid_snapshot_is_a_finding(tmp_path: Path) -> None:
     cow = tmp_path / "cow.img"
     make_cow(cow, 8, [1, 2])
     with FileDevice(cow) as dev:
         open_store("P", dev, 8).invalidate()
     r = run_cow("changed", "--json", str(cow))
-    assert r.returncode == 0
+    assert r.returncode == 1
     assert json.loads(r.stdout)["valid"] is False and json.loads(r.stdout)["ranges"] == [[1, 3]]
     assert b"incomplete" in r.stderr and r.stderr.count(b"\n") == 1
 

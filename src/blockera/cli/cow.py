@@ -60,7 +60,8 @@ def changed(cow_path: str, as_json: bool, output: str | None) -> None:
     an origin write, or written through the snapshot). Ranges are [begin, end) in origin
     chunks of the COW's chunk size, and in sectors. Text output: one range per line,
     `begin_chunk end_chunk begin_sector end_sector`, after a `#` comment line. An invalid
-    snapshot is listed with "valid": false and a warning: its list is incomplete.
+    snapshot's list is incomplete: it is printed ("valid": false in JSON) and the exit
+    status is 1.
 
     \b
     Example:
@@ -71,12 +72,12 @@ def changed(cow_path: str, as_json: bool, output: str | None) -> None:
     with open_for_reading(cow_path) as dev:
         image, _ = load_checked(dev)
     result = changed_chunks(image)
-    if not result.valid:
-        click.echo("blockera: warning: the snapshot is invalid (header valid=0); origin writes "
-                   "after the invalidation were not recorded, so this list is incomplete",
-                   err=True)
     with output_file(output, inputs=(cow_path,)) as out:
         (write_json if as_json else write_text)(result, out)
+    if not result.valid:
+        click.echo("blockera: the snapshot is invalid (header valid=0): origin writes after "
+                   "the invalidation were not recorded, so this list is incomplete", err=True)
+        sys.exit(1)
 
 
 @cow.command()

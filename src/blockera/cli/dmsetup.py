@@ -27,7 +27,8 @@ socket_option = click.option("--socket", "socket_path", type=click.Path(dir_okay
 
 
 def _client(socket_path: str | None) -> EngineClient:
-    return EngineClient(socket_path)
+    """`--socket` given to the command, else to `dmsetup` itself, else the default."""
+    return EngineClient(socket_path or click.get_current_context().obj)
 
 
 def _fail(ioctl: str, name: str, exc: BlockeraError) -> None:
@@ -52,15 +53,19 @@ def _read_table(table: str | None, table_file: str | None) -> str:
 
 
 @click.group()
-def dmsetup() -> None:
+@socket_option
+@click.pass_context
+def dmsetup(ctx: click.Context, socket_path: str | None) -> None:
     """Device-mapper control with dmsetup's syntax, on the blockera engine daemon.
 
     \b
-    Example (seed setup with image files for disks):
+    Example (image files for disks):
+      truncate -s 1M meta.img; truncate -s 256M origin.img
       blockera dmsetup create era-meta --table "0 256 linear meta.img 0"
       blockera dmsetup create era --table "0 524288 era /dev/mapper/era-meta origin.img 4096"
-      blockera dmsetup status era
+      blockera dmsetup --socket /run/blockera/engine.sock status era
     """
+    ctx.obj = socket_path
 
 
 @dmsetup.command()

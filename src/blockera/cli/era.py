@@ -50,7 +50,8 @@ def dump(metadata: str, output: str | None, logical: bool, metadata_snapshot: bo
               help="Read the held metadata snapshot (safe on live metadata).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the result here.")
 @click.option("--json", "as_json", is_flag=True,
-              help='Print {"nr_blocks", "written_since", "ranges": [[begin, end), ...]}.')
+              help='Print {"nr_blocks", "written_since", "ranges": [[begin, end), ...], '
+                   '"block_size_sectors"}.')
 def invalidate(metadata: str, era_threshold: int, metadata_snapshot: bool, output: str | None,
                as_json: bool) -> None:
     """List the blocks written since an era (era_invalidate's output).
@@ -65,7 +66,13 @@ def invalidate(metadata: str, era_threshold: int, metadata_snapshot: bool, outpu
     from blockera.era.reader import EraImage
 
     with open_for_reading(metadata) as dev:
-        result = written_since(EraImage(dev, use_snapshot=metadata_snapshot), era_threshold)
+        image = EraImage(dev, use_snapshot=metadata_snapshot)
+        if not metadata_snapshot and image.live.current_writeset.root:
+            click.echo("blockera: note: this metadata has a current writeset, so its era device "
+                       "is active (or crashed): the answer can change while it is read. For a "
+                       "consistent answer send take_metadata_snap and use --metadata-snapshot.",
+                       err=True)
+        result = written_since(image, era_threshold)
         with output_file(output, inputs=(metadata,)) as out:
             (write_json if as_json else write_xml)(result, out)
 

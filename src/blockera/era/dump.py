@@ -14,6 +14,7 @@ import numpy as np
 
 from blockera.era.reader import EraImage
 from blockera.era.xml_render import Choice, Num, render_lines
+from blockera.progress import progress
 
 
 def _uuid_text(uuid: bytes) -> bytes:
@@ -28,17 +29,19 @@ def dump_xml(image: EraImage, out: BinaryIO, *, logical: bool = False) -> None:
     eras = image.logical_eras() if logical else image.era_array()
     out.write(b'<superblock uuid="%s" block_size="%d" nr_blocks="%d" current_era="%d">\n'
               % (_uuid_text(sb.uuid), sb.data_block_size, sb.nr_blocks, sb.current_era))
-    for ws in writesets:
-        out.write(b'  <writeset era="%d" nr_bits="%d">\n' % (ws.era, ws.nr_bits))
-        index = np.arange(ws.nr_bits, dtype=np.uint64)
-        parts = [b'    <bit block="', Num(index), b'" value="',
-                 Choice(ws.bools().astype(np.uint8), (b"false", b"true")), b'"/>\n']
-        for chunk in render_lines(parts, ws.nr_bits):
+    rows = sum(ws.nr_bits for ws in writesets) + len(eras)
+    with progress(rows, "era dump", unit="rows") as bar:
+        for ws in writesets:
+            out.write(b'  <writeset era="%d" nr_bits="%d">\n' % (ws.era, ws.nr_bits))
+            index = np.arange(ws.nr_bits, dtype=np.uint64)
+            parts = [b'    <bit block="', Num(index), b'" value="',
+                     Choice(ws.bools().astype(np.uint8), (b"false", b"true")), b'"/>\n']
+            for chunk in render_lines(parts, ws.nr_bits, on_rows=bar.update):
+                out.write(chunk)
+            out.write(b"  </writeset>\n")
+        out.write(b"  <era_array>\n")
+        index = np.arange(len(eras), dtype=np.uint64)
+        parts = [b'    <era block="', Num(index), b'" era="', Num(eras), b'"/>\n']
+        for chunk in render_lines(parts, len(eras), on_rows=bar.update):
             out.write(chunk)
-        out.write(b"  </writeset>\n")
-    out.write(b"  <era_array>\n")
-    index = np.arange(len(eras), dtype=np.uint64)
-    parts = [b'    <era block="', Num(index), b'" era="', Num(eras), b'"/>\n']
-    for chunk in render_lines(parts, len(eras)):
-        out.write(chunk)
     out.write(b"  </era_array>\n</superblock>\n")

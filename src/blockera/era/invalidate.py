@@ -24,6 +24,7 @@ from blockera.era.xml_render import Choice, Num, render_lines
 @dataclass
 class Invalidation:
     nr_blocks: int
+    block_size_sectors: int
     written_since: int
     begins: np.ndarray
     ends: np.ndarray
@@ -34,7 +35,7 @@ class Invalidation:
 
 def written_since(image: EraImage, threshold: int) -> Invalidation:
     begins, ends = mask_to_ranges(image.changed_since(threshold))
-    return Invalidation(image.nr_blocks, threshold, begins, ends)
+    return Invalidation(image.nr_blocks, image.sb.data_block_size, threshold, begins, ends)
 
 
 def write_xml(result: Invalidation, out: BinaryIO) -> None:
@@ -50,5 +51,5 @@ def write_xml(result: Invalidation, out: BinaryIO) -> None:
 
 def write_json(result: Invalidation, out: BinaryIO) -> None:
     doc = {"nr_blocks": result.nr_blocks, "written_since": result.written_since,
-           "ranges": result.ranges()}
+           "ranges": result.ranges(), "block_size_sectors": result.block_size_sectors}
     out.write(json.dumps(doc, separators=(", ", ": ")).encode() + b"\n")

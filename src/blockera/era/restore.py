@@ -27,11 +27,13 @@ from blockera.pdata.array import ARRAY_HEADER_BYTES, array_max_entries
 from blockera.pdata.btree import INTERNAL_NODE, LEAF_NODE, NODE_HEADER_BYTES, calc_max_entries
 from blockera.pdata.checksum import (ARRAY_CSUM_XOR, BITMAP_BLOCK, BTREE_NODE, INDEX_BLOCK,
                                      Validator)
+from blockera.progress import progress
 from blockera.pdata.space_map import (ENTRIES_PER_BITMAP, MAX_METADATA_BLOCKS, SpaceMapRoot,
                                       encode_bitmap, nr_bitmaps)
 from blockera.units import METADATA_BLOCK_BYTES
 
 BLOCK = METADATA_BLOCK_BYTES
+RUN_WRITE_BLOCKS = 2048        # array blocks per write (8 MiB)
 
 
 @dataclass
@@ -180,12 +182,17 @@ def write_image(dev: BlockDevice, desc: EraDescription) -> int:
     layout, sb = plan_image(desc, device_blocks)
     dev.write(0, bytes(BLOCK))
     dev.flush()
-    for location, blocks in layout.runs:
-        dev.write(location * BLOCK, blocks.tobytes())
-    for location in sorted(layout.singles):
-        buf, validator = layout.singles[location]
-        validator.prepare(location, buf)
-        dev.write(location * BLOCK, buf)
+    with progress(layout.next_location * BLOCK, "era restore") as bar:
+        for location, blocks in layout.runs:
+            for first in range(0, len(blocks), RUN_WRITE_BLOCKS):
+                part = blocks[first: first + RUN_WRITE_BLOCKS]
+                dev.write((location + first) * BLOCK, part.tobytes())
+                bar.update(part.nbytes)
+        for location in sorted(layout.singles):
+            buf, validator = layout.singles[location]
+            validator.prepare(location, buf)
+            dev.write(location * BLOCK, buf)
+            bar.update(BLOCK)
     dev.flush()
     block0 = sb.to_block()
     SUPERBLOCK.prepare(0, block0)

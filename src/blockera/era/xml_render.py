@@ -10,7 +10,7 @@ NUL never occurs in the output, so the squeeze cannot remove real content.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -94,8 +94,11 @@ def _render_batch(parts: Sequence[Part], start: int, stop: int) -> bytes:
     return grid[grid != _PAD].tobytes()
 
 
-def render_lines(parts: Sequence[Part], nr_rows: int,
-                 batch_rows: int = BATCH_ROWS) -> Iterator[bytes]:
-    """Yield the concatenated rows, batch by batch."""
+def render_lines(parts: Sequence[Part], nr_rows: int, batch_rows: int = BATCH_ROWS,
+                 on_rows: Callable[[int], object] | None = None) -> Iterator[bytes]:
+    """Yield the concatenated rows, batch by batch (calling `on_rows(count)` after each)."""
     for start in range(0, nr_rows, batch_rows):
-        yield _render_batch(parts, start, min(nr_rows, start + batch_rows))
+        end = min(nr_rows, start + batch_rows)
+        yield _render_batch(parts, start, end)
+        if on_rows is not None:
+            on_rows(end - start)
