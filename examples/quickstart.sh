@@ -38,7 +38,7 @@ echo "== each block's newest era (first lines)"
 blockera era dump --logical "$work/meta.img" | head -6
 
 echo
-echo "== the era target in the userspace engine, with image files for disks (seed 000)"
+echo "== the era target in the userspace engine, with image files for disks"
 export BLOCKERA_SOCKET="$work/engine.sock"
 blockera daemon --socket "$BLOCKERA_SOCKET" &
 daemon_pid=$!
@@ -61,7 +61,7 @@ blockera dmsetup remove era-meta
 blockera era check -q "$work/sdb.img" && echo "metadata consistent after removal"
 
 echo
-echo "== a consistent backup of a live device through a snapshot (seed 004)"
+echo "== a consistent backup of a live device through a snapshot"
 truncate -s 64M "$work/md2.img"
 dd if=/dev/urandom of="$work/md2.img" bs=1M count=64 conv=notrunc status=none
 truncate -s 16M "$work/sdb6.img"

@@ -4,6 +4,8 @@ a daemon removes only what it created."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 import socket
 import subprocess
 from pathlib import Path
@@ -75,3 +77,24 @@ def test_two_daemons_in_one_directory_keep_their_own_files(tmp_path: Path) -> No
         a.stop()
         b.stop()
     assert not (tmp_path / "a.pid").exists()
+
+
+def test_detach_returns_once_listening_or_with_the_error(tmp_path: Path) -> None:
+    sock = tmp_path / "engine.sock"
+    r = subprocess.run(["blockera", "daemon", "--socket", str(sock), "--detach"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "control socket" in r.stderr
+    pid = int((tmp_path / "engine.pid").read_text())
+    try:
+        probe = socket.socket(socket.AF_UNIX)
+        probe.connect(str(sock))               # listening when --detach returned
+        probe.close()
+        again = subprocess.run(["blockera", "daemon", "--socket", str(sock), "--detach",
+                                "--no-nbd"], capture_output=True, text=True, timeout=60)
+        assert again.returncode == 2 and "in use by a running server" in again.stderr
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sock.exists() and not (tmp_path / "engine.pid").exists()

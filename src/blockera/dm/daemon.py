@@ -179,12 +179,12 @@ class Daemon:
             for service in self.services:
                 service.start()
                 self._started.append(service)
-            listener = open_unix_listener(self.socket_path, mode=0o600)
+            try:
+                listener = open_unix_listener(self.socket_path, mode=0o600)
+            except ListenError as exc:
+                raise ListenError(f"control socket: {exc}") from None
             self._socket_identity = socket_identity(listener)
             self.server = _Server(listener, EngineService(self.engine))
-        except ListenError as exc:
-            self._stop_services()
-            raise ListenError(f"control socket: {exc}") from None
         except BaseException:
             self._stop_services()
             raise
