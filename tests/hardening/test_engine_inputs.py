@@ -108,3 +108,12 @@ def test_idle_connections_do_not_lock_clients_out(tmp_path: Path) -> None:
         for c in idle:
             c.close()
         server.shutdown()
+
+
+@pytest.mark.parametrize("args", ["\u00b2", "\u0661", "18446744073709551616", "-1"])
+def test_target_numbers_are_ascii_decimal(engine: Engine, tmp_path: Path, args: str) -> None:
+    img = sparse_file(tmp_path / "disk.img", 1 << 20)
+    with pytest.raises(TableError, match="Invalid device sector"):
+        engine.create("lin", f"0 8 linear {img} {args}")
+    with pytest.raises(TableError, match="block size"):
+        engine.create("era", f"0 8 era {img} {img} {args}")

@@ -3,10 +3,14 @@ dm-target.c's error target and dm-zero.c), with their constructor errors and tab
 
 from __future__ import annotations
 
+import re
+
 from blockera.dm.devref import Opener
 from blockera.dm.target import Target, register
 from blockera.errors import DeviceError, TableError
 from blockera.units import SECTOR_BYTES
+
+_SECTOR_RE = re.compile(r"\+?[0-9]+\Z")
 
 
 @register
@@ -19,7 +23,7 @@ class LinearTarget(Target):
         super().__init__(opener, length_sectors, args)
         if len(args) != 2:
             raise TableError("Invalid argument count")
-        if not args[1].isdigit():
+        if not _SECTOR_RE.match(args[1]) or int(args[1]) >= 1 << 64:
             raise TableError("Invalid device sector")
         self.offset_sectors = int(args[1])
         try:

@@ -35,7 +35,7 @@ from blockera.errors import (BlockeraError, DeviceError, MetadataError, NoSpaceE
 from blockera.units import METADATA_BLOCK_SECTORS, SECTOR_BYTES, div_up
 
 log = logging.getLogger(__name__)
-_UINT_RE = re.compile(r"^\s*\+?\d+$")
+_UINT_RE = re.compile(r"^\s*\+?\d+$", re.ASCII)
 
 
 @dataclass

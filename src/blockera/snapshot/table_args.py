@@ -19,7 +19,7 @@ from blockera.snapshot.header import chunk_size_error
 from blockera.snapshot.store import parse_store_type, persistent_overflow_option
 from blockera.units import SECTOR_BYTES
 
-_UINT_RE = re.compile(r"^\+?\d+\n?$")
+_UINT_RE = re.compile(r"^\+?\d+\n?$", re.ASCII)
 _FEATURES = ("discard_zeroes_cow", "discard_passdown_origin")
 MAX_FEATURES = 2
 
