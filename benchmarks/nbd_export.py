@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report  # noqa: E402
 
-from blockera.dm.client import EngineClient  # noqa: E402
+from blockera.engine.client import EngineClient  # noqa: E402
 
 MiB = 1 << 20
 GOALS = {"seq_write": 0.8, "seq_read": 0.8, "rand_read": 0.5, "rand_write": 0.5,

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report  # noqa: E402
 
-from blockera.dm.engine import Engine  # noqa: E402
+from blockera.engine.userspace import Engine  # noqa: E402
 
 MiB = 1 << 20
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from blockera.blockdev import FileDevice, MemoryDevice, WriteLogDevice
-from blockera.dm.engine import Engine
+from blockera.engine.userspace import Engine
 from blockera.era.dump import dump_xml
 from blockera.era.reader import EraImage
 from blockera.era.superblock import Superblock

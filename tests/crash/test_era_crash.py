@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from blockera.blockdev import FileDevice, LogRecord, MemoryDevice, WriteLogDevice
-from blockera.dm.engine import Engine
+from blockera.engine.userspace import Engine
 from blockera.era.check import check_era_metadata
 from blockera.era.metadata import EraMetadata
 from blockera.era.reader import EraImage

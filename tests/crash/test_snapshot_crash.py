@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from blockera.blockdev import LogRecord, MemoryDevice, WriteLogDevice
-from blockera.dm.engine import Engine
+from blockera.engine.userspace import Engine
 from blockera.snapshot.reader import read_cow
 
 SECTOR = 512

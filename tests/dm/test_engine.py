@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from blockera.dm.engine import Engine
+from blockera.engine.userspace import Engine
 from blockera.dm.table import parse_table
 from blockera.errors import DeviceError, DeviceMapperError, TableError
 from tests.conftest import sparse_file

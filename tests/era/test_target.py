@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from blockera.blockdev import FileDevice, WriteLogDevice
-from blockera.dm.engine import Engine
+from blockera.engine.userspace import Engine
 from blockera.errors import NoSpaceError, TableError, TargetError
 from blockera.era.check import check_era_metadata
 from blockera.era.reader import EraImage

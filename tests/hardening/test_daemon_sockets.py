@@ -16,8 +16,8 @@ from tests.conftest import DaemonProcess
 def test_control_socket_is_private_before_it_listens(tmp_path: Path, monkeypatch) -> None:
     """With umask 000, the socket file must already be 0600 when listen() is called: a client
     can connect from that moment on."""
-    from blockera.dm.daemon import Daemon
-    from blockera.dm.engine import Engine
+    from blockera.engine.daemon import Daemon
+    from blockera.engine.userspace import Engine
 
     modes: list[int] = []
     real_listen = socket.socket.listen

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from blockera.blockdev import MemoryDevice
-from blockera.dm.engine import Engine
+from blockera.engine.userspace import Engine
 from blockera.errors import TableError
 from blockera.nbd import Export, serve
 from tests.conftest import DaemonProcess, sparse_file

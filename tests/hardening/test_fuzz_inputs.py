@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from blockera.blockdev import MemoryDevice
-from blockera.dm.engine import Engine
+from blockera.engine.userspace import Engine
 from blockera.errors import BlockeraError
 from blockera.era.check import check_era_metadata
 from blockera.era.dump import dump_xml

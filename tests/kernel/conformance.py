@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from blockera.dm.engine import Engine
+from blockera.engine.userspace import Engine
 
 from .guest import KernelGuest
 from .scenarios import Runner, Scenario, steps_for

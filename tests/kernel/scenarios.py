@@ -274,7 +274,7 @@ def _guest_main(plan_path: str, out_path: str) -> None:
     import shutil
     import tempfile
 
-    from blockera.dm.kernel import KernelEngine
+    from blockera.engine.kernel import KernelEngine
 
     share = Path(os.environ.get("SHARE", "."))
     plan = json.loads(Path(plan_path).read_text())

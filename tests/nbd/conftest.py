@@ -183,7 +183,7 @@ def engine_export(sock_dir: Path) -> Iterator[tuple[Any, NbdServer]]:
     """(an in-process device-mapper engine, an NBD server exporting its devices by name);
     the server stops, then the engine shuts down (suspending every device), as the daemon
     does."""
-    from blockera.dm.engine import Engine
+    from blockera.engine.userspace import Engine
     from blockera.nbd.engine_exports import EngineExports
 
     engine = Engine()

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from blockera.blockdev import FileDevice
-from blockera.dm.client import EngineClient
-from blockera.dm.engine import Engine
+from blockera.engine.client import EngineClient
+from blockera.engine.userspace import Engine
 from blockera.era.reader import EraImage
 
 MiB = 1 << 20

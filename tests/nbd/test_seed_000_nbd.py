@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from blockera.blockdev import BlockDevice, FileDevice
-from blockera.dm.daemon import Daemon
-from blockera.dm.engine import Engine
+from blockera.engine.daemon import Daemon
+from blockera.engine.userspace import Engine
 from blockera.era.check import check_era_metadata
 from blockera.nbd.engine_service import EngineNbdService, NbdSettings
 

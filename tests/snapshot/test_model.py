@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from blockera.blockdev import MemoryDevice
-from blockera.dm.engine import Engine
+from blockera.engine.userspace import Engine
 from blockera.errors import DeviceError
 from blockera.snapshot import changed_chunks, read_cow
 

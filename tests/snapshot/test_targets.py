@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from blockera.blockdev import FileDevice
-from blockera.dm.engine import Engine
+from blockera.engine.userspace import Engine
 from blockera.errors import DeviceError, TableError, TargetError
 from blockera.snapshot import changed_chunks, read_cow
 from blockera.snapshot.changed import merge_ranges

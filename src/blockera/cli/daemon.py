@@ -93,9 +93,9 @@ def daemon(socket_path: str | None, state_dir: str | None, nbd_socket: str | Non
       nbdinfo 'nbd+unix:///era?socket=/run/blockera/engine-nbd.sock'
       qemu-img info nbd://127.0.0.1:10809/era
     """
-    from blockera.dm.daemon import Daemon, DaemonService
-    from blockera.dm.engine import Engine
-    from blockera.dm.protocol import default_socket_path
+    from blockera.engine.daemon import Daemon, DaemonService
+    from blockera.engine.userspace import Engine
+    from blockera.engine.protocol import default_socket_path
     from blockera.nbd.engine_service import EngineNbdService
     from blockera.nbd.errors import RemoteBindRefusedError
 

@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import click
 
-from blockera.dm.client import EngineClient
+from blockera.engine.client import EngineClient
 from blockera.errors import DeviceError, UsageError
 from blockera.progress import progress
 

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from blockera.dm.client import EngineClient
+from blockera.engine.client import EngineClient
 from blockera.errors import BlockeraError
 
 _STRERROR = {"EINVAL": "Invalid argument", "EBUSY": "Device or resource busy",

@@ -18,14 +18,14 @@ from blockera.errors import DeviceError, UsageError
 
 
 def open_for_reading(path: str) -> BlockDevice:
-    from blockera.dm.client import open_path
+    from blockera.engine.client import open_path
 
     return open_path(path, writable=False, direct=True)
 
 
 def open_output_device(path: str) -> BlockDevice:
     """An existing device, engine device (`/dev/mapper/NAME`) or file to write into."""
-    from blockera.dm.client import MAPPER_PREFIX, open_path
+    from blockera.engine.client import MAPPER_PREFIX, open_path
 
     if not path.startswith(MAPPER_PREFIX) and not os.path.exists(path):
         raise DeviceError(f"{path}: output does not exist (create a file of the right size "

@@ -1,2 +1,3 @@
-"""The device-mapper model: tables, targets, named devices with the kernel's life cycle, and
-the engines that run them (the userspace engine here; the kernel's through dmsetup)."""
+"""The device-mapper target API: table lines, the `Target` interface and its life cycle, device
+references, and the kernel's simple targets (linear, error, zero). Targets (here, in era/ and
+snapshot/) build on it; the engines (blockera.engine) run them. See docs/engine.md."""

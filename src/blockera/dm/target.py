@@ -4,12 +4,14 @@ A target sees I/O relative to its own start, in sectors (the kernel's dm_target_
 life cycle hooks mirror the kernel's: constructed at table load, `presuspend`/`postsuspend`
 around suspension, `preresume`/`resume` when the table goes live, `destroy` when the table is
 dropped. `status()` is the INFO status text, `table_args()` the TABLE text, `message()` answers
-`dmsetup message`.
+`dmsetup message`. Targets do not register anywhere: whoever assembles an engine hands it
+the target types it runs (`TargetTypes`, by name).
 """
 
 from __future__ import annotations
 
 from abc import ABC
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 from blockera.errors import DeviceError, TableError, TargetError
@@ -91,23 +93,16 @@ class Target(ABC):
         raise TargetError(f"{self.name}: target does not accept messages")
 
 
-_REGISTRY: dict[str, type[Target]] = {}
+TargetTypes = Mapping[str, type[Target]]
 
 
-def register(cls: type[Target]) -> type[Target]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def target_types() -> dict[str, type[Target]]:
-    return dict(_REGISTRY)
-
-
-def construct(name: str, opener: "Opener", length_sectors: int, args: list[str]) -> Target:
-    """Build a target (its constructor); on failure every device it opened is released."""
-    cls = _REGISTRY.get(name)
+def construct(target_types: TargetTypes, name: str, opener: "Opener", length_sectors: int,
+              args: list[str]) -> Target:
+    """Build a target of type `name` (its constructor), from the types an engine was given;
+    on failure every device it opened is released."""
+    cls = target_types.get(name)
     if cls is None:
-        raise TableError(f"unknown target type {name!r} (known: {', '.join(sorted(_REGISTRY))})")
+        raise TableError(f"unknown target type {name!r} (known: {', '.join(sorted(target_types))})")
     target = cls.__new__(cls)
     try:
         target.__init__(opener, length_sectors, args)  # type: ignore[misc]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from blockera.dm.devref import Opener
-from blockera.dm.target import Target, register
+from blockera.dm.target import Target
 from blockera.era.metadata import Digest, EraMetadata, Stats
 from blockera.errors import (BlockeraError, DeviceError, MetadataError, NoSpaceError,
                              TableError, TargetError)
@@ -225,7 +225,6 @@ def _write_failure(error: BlockeraError) -> BlockeraError:
     return DeviceError(f"era: cannot record the write: {error}")
 
 
-@register
 class EraTarget(Target):
     name = "era"
     version = (1, 0, 0)

@@ -15,8 +15,8 @@ a live table is listed, with size 0, but a client cannot connect to it.
 
 from __future__ import annotations
 
-from blockera.dm.engine import Engine
-from blockera.dm.mapped import MappedDevice
+from blockera.engine.userspace import Engine
+from blockera.engine.mapped import MappedDevice
 from blockera.nbd.errors import UnknownExportError
 from blockera.nbd.exports import Export, Release
 

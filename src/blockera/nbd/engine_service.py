@@ -1,7 +1,7 @@
 """The NBD export of an engine daemon: where it listens, and starting and stopping it.
 
 `blockera daemon` runs one `EngineNbdService` next to its control socket (see
-`blockera.dm.daemon`). By default it listens on a unix socket beside the control socket
+`blockera.engine.daemon`). By default it listens on a unix socket beside the control socket
 (`engine.sock` -> `engine-nbd.sock`, mode 0600); TCP is off unless an address is given, binds
 to 127.0.0.1 when only a port is given, and refuses a non-loopback address unless remote
 clients are allowed explicitly (NBD has no authentication or encryption here). Export names are
@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockera.dm.engine import Engine
+from blockera.engine.userspace import Engine
 from blockera.errors import UsageError
 from blockera.nbd.engine_exports import EngineExports
 from blockera.nbd.server import NbdServer, serve

@@ -23,7 +23,6 @@ import logging
 import threading
 
 from blockera.dm.devref import Opener
-from blockera.dm.target import register
 from blockera.errors import DeviceError, MetadataError
 from blockera.snapshot.copyout import COPY_PIECE_BYTES, copy_out, copy_out_needed
 from blockera.snapshot.snapshot_target import SnapshotTarget
@@ -33,7 +32,6 @@ from blockera.units import SECTOR_BYTES
 log = logging.getLogger(__name__)
 
 
-@register
 class SnapshotMergeTarget(SnapshotTarget):
     name = "snapshot-merge"
     version = (1, 5, 0)

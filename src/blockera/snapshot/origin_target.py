@@ -11,14 +11,13 @@ target declares no discard support. Status is empty; the table shows the device.
 from __future__ import annotations
 
 from blockera.dm.devref import Opener
-from blockera.dm.target import Target, register
+from blockera.dm.target import Target
 from blockera.errors import DeviceError, TableError
 from blockera.snapshot.copyout import write_origin
 from blockera.snapshot.origins import registry_for
 from blockera.units import SECTOR_BYTES
 
 
-@register
 class SnapshotOriginTarget(Target):
     name = "snapshot-origin"
     version = (1, 9, 0)

@@ -25,7 +25,7 @@ import logging
 from typing import ClassVar, Iterator
 
 from blockera.dm.devref import DeviceRef, Opener
-from blockera.dm.target import Target, register
+from blockera.dm.target import Target
 from blockera.errors import DeviceError, MetadataError, NoSpaceError, TableError, TargetError
 from blockera.snapshot.copyout import copy_runs
 from blockera.snapshot.origins import OriginGroup, Sharing, registry_for
@@ -53,7 +53,6 @@ def _eio(message: str) -> DeviceError:
     return DeviceError(message, errno_name="EIO")
 
 
-@register
 class SnapshotTarget(Target):
     name = "snapshot"
     version = (1, 16, 0)

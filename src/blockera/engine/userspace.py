@@ -17,10 +17,10 @@ from typing import Callable
 
 from blockera.blockdev import BlockDevice, FileDevice
 from blockera.dm.devref import DeviceRef
-from blockera.dm.mapped import MappedDevice, Table
 from blockera.dm.table import parse_table
-from blockera.dm import targets as _builtin_targets  # noqa: F401  (registers them)
-from blockera.dm.target import construct
+from blockera.dm.target import TargetTypes, construct
+from blockera.engine.mapped import MappedDevice, Table
+from blockera.engine.targets import STANDARD_TARGETS
 from blockera.errors import BlockeraError, DeviceError, DeviceMapperError, TableError
 
 DM_MAJOR = 253
@@ -43,8 +43,10 @@ class Engine:
     (the client's working directory), else the engine's own."""
 
     def __init__(self, *, file_opener: FileOpener = _default_file_opener,
-                 major: int = DM_MAJOR, allowed_paths: list[str] | None = None) -> None:
+                 major: int = DM_MAJOR, allowed_paths: list[str] | None = None,
+                 targets: TargetTypes = STANDARD_TARGETS) -> None:
         self.file_opener = file_opener
+        self.targets = targets
         self.major = major
         self.allowed_paths = (None if allowed_paths is None
                               else [Path(p).resolve() for p in allowed_paths])
@@ -138,8 +140,8 @@ class Engine:
         try:
             for line in lines:
                 try:
-                    targets.append(construct(line.target, self, line.length_sectors,
-                                             list(line.args)))
+                    targets.append(construct(self.targets, line.target, self,
+                                             line.length_sectors, list(line.args)))
                 except TableError as exc:
                     raise TableError(f"{line.target}: {exc}", errno_name=exc.errno_name) from None
             self._refuse_cycle(name, targets)

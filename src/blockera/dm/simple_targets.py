@@ -6,14 +6,13 @@ from __future__ import annotations
 import re
 
 from blockera.dm.devref import Opener
-from blockera.dm.target import Target, register
+from blockera.dm.target import Target
 from blockera.errors import DeviceError, TableError
 from blockera.units import SECTOR_BYTES
 
 _SECTOR_RE = re.compile(r"\+?[0-9]+\Z")
 
 
-@register
 class LinearTarget(Target):
     name = "linear"
     version = (1, 4, 0)
@@ -55,7 +54,6 @@ class LinearTarget(Target):
         return f"{self.ref.table_name} {self.offset_sectors}"
 
 
-@register
 class ErrorTarget(Target):
     name = "error"
     version = (1, 6, 0)
@@ -80,7 +78,6 @@ class ErrorTarget(Target):
         return ""
 
 
-@register
 class ZeroTarget(Target):
     name = "zero"
     version = (1, 2, 0)

@@ -1,4 +1,4 @@
-"""The engine daemon: one `Engine` served on a unix socket (see `blockera.dm.protocol`).
+"""The engine daemon: one `Engine` served on a unix socket (see `blockera.engine.protocol`).
 
 The control socket is private (mode 0600) before it listens, whatever the umask; the state
 directory (the socket's by default) holds `<socket name without suffix>.pid`, and on exit the
@@ -22,8 +22,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from blockera.dm.engine import Engine
-from blockera.dm.protocol import MAX_IO_BYTES, Reader, error_reply, send_message
+from blockera.engine.userspace import Engine
+from blockera.engine.protocol import MAX_IO_BYTES, Reader, error_reply, send_message
 from blockera.errors import BlockeraError, ListenError, UsageError
 from blockera.unix_socket import open_unix_listener, remove_own_socket, socket_identity
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from blockera.blockdev import BlockDevice, FileDevice
 
-from blockera.dm.protocol import MAX_IO_BYTES, Reader, default_socket_path, raise_reply, send_message
+from blockera.engine.protocol import MAX_IO_BYTES, Reader, default_socket_path, raise_reply, send_message
 from blockera.errors import DeviceError
 
 MAPPER_PREFIX = "/dev/mapper/"
