@@ -1,0 +1,307 @@
+"""Index files and the in-memory master index (docs/backup-repository.md §7).
+
+An index file (`index/<id>`, an unpacked file: encrypted, `0x02 || zstd(JSON)` in version 2,
+plain JSON in version 1) says where blobs are:
+
+    {"supersedes":["<index id>",…],                         (omitted when empty)
+     "packs":[{"id":"<pack id>","blobs":[
+         {"id":"<blob id>","type":"data","offset":0,"length":1048608},
+         {"id":"…","type":"data","offset":1048608,"length":4128,"uncompressed_length":1048576},
+         …]},…]}
+
+`length` is the stored length (encrypted, compressed or not); `uncompressed_length` appears only
+for compressed blobs. The oldest format, a bare JSON array of packs, is still read. A new index
+file `supersedes` the files it replaces (prune deletes those afterwards). blockera writes at
+most 50 000 blobs per file (restic's limit, which keeps files well under the 8 MiB the design
+asks for), never splitting one pack's entries across files.
+
+`MasterIndex` answers "where is blob X?" for a whole repository. It keeps entries in numpy
+arrays sorted by the first 8 bytes of the ID (about 57 bytes per blob) plus a small dict for
+recent additions that is merged in by bulk sorts, so a million blobs fit in tens of MiB instead
+of the hundreds a dict of objects would take.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from blockera.backup import gojson
+from blockera.backup.errors import RepositoryFormatError
+from blockera.backup.ids import ID_BYTES, BlobType, parse_id
+from blockera.backup.pack import PackEntry
+
+INDEX_MAX_BLOBS = 50_000
+
+_TYPE_CODE = {BlobType.DATA: 0, BlobType.TREE: 1}
+_CODE_TYPE = {0: BlobType.DATA, 1: BlobType.TREE}
+_TYPE_BY_NAME = {"data": BlobType.DATA, "tree": BlobType.TREE}
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedBlob:
+    """Where a blob is: its pack and its place in it."""
+
+    blob_id: bytes
+    blob_type: BlobType
+    pack_id: bytes
+    offset_bytes: int
+    length_bytes: int
+    uncompressed_length_bytes: int
+
+    def entry(self) -> PackEntry:
+        return PackEntry(self.blob_type, self.blob_id, self.offset_bytes, self.length_bytes,
+                         self.uncompressed_length_bytes)
+
+
+@dataclass
+class IndexFile:
+    """The content of one index file."""
+
+    packs: list[tuple[bytes, list[PackEntry]]] = field(default_factory=list)
+    supersedes: list[bytes] = field(default_factory=list)
+
+    @property
+    def blob_count(self) -> int:
+        return sum(len(entries) for _, entries in self.packs)
+
+    def encode(self) -> bytes:
+        """The JSON as restic's encoder writes it (with the trailing newline)."""
+        parts = []
+        for pack_id, entries in self.packs:
+            blobs = []
+            for e in entries:
+                text = (f'{{"id":"{e.blob_id.hex()}","type":"{e.blob_type.value}",'
+                        f'"offset":{e.offset_bytes},"length":{e.length_bytes}')
+                if e.uncompressed_length_bytes:
+                    text += f',"uncompressed_length":{e.uncompressed_length_bytes}'
+                blobs.append(text + "}")
+            parts.append(f'{{"id":"{pack_id.hex()}","blobs":[{",".join(blobs)}]}}')
+        fields = []
+        if self.supersedes:
+            fields.append(("supersedes", gojson.id_list(self.supersedes)))
+        fields.append(("packs", "[" + ",".join(parts) + "]"))
+        return (gojson.obj(fields) + "\n").encode("ascii")
+
+    @classmethod
+    def decode(cls, raw: bytes, what: str) -> "IndexFile":
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise RepositoryFormatError(f"{what}: not JSON ({exc})") from None
+        supersedes: list[bytes] = []
+        if isinstance(doc, list):  # the oldest format: just the packs
+            pack_docs = doc
+        elif isinstance(doc, dict):
+            pack_docs = doc.get("packs") or []
+            try:
+                supersedes = [parse_id(s, "superseded index") for s in
+                              doc.get("supersedes") or []]
+            except (ValueError, TypeError) as exc:
+                raise RepositoryFormatError(f"{what}: {exc}") from None
+        else:
+            raise RepositoryFormatError(f"{what}: neither an object nor an array")
+        packs = []
+        try:
+            for p in pack_docs:
+                pack_id = parse_id(p["id"], "pack ID")
+                entries = []
+                for b in p.get("blobs") or []:
+                    blob_type = _TYPE_BY_NAME.get(b["type"])
+                    if blob_type is None:
+                        raise ValueError(f"blob type {b['type']!r} is not data or tree")
+                    offset, length = int(b["offset"]), int(b["length"])
+                    uncompressed = int(b.get("uncompressed_length") or 0)
+                    if min(offset, length, uncompressed) < 0 or \
+                            max(offset, length, uncompressed) >= 1 << 32:
+                        raise ValueError(f"blob {b['id']!r} has an impossible offset or length")
+                    entries.append(PackEntry(blob_type, parse_id(b["id"], "blob ID"), offset,
+                                             length, uncompressed))
+                packs.append((pack_id, entries))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RepositoryFormatError(f"{what}: malformed entry ({exc})") from None
+        return cls(packs, supersedes)
+
+
+def split_into_files(packs: list[tuple[bytes, list[PackEntry]]],
+                     max_blobs: int = INDEX_MAX_BLOBS) -> list[IndexFile]:
+    """Index files of at most `max_blobs` blobs each (a pack with more gets a file alone)."""
+    files: list[IndexFile] = []
+    current = IndexFile()
+    count = 0
+    for pack_id, entries in packs:
+        if current.packs and count + len(entries) > max_blobs:
+            files.append(current)
+            current, count = IndexFile(), 0
+        current.packs.append((pack_id, entries))
+        count += len(entries)
+    if current.packs:
+        files.append(current)
+    return files
+
+
+class MasterIndex:
+    """Blob (ID, type) → pack, offset, lengths, for every blob of a repository."""
+
+    _MERGE_THRESHOLD = 1 << 16
+
+    def __init__(self) -> None:
+        self._pack_ids: list[bytes] = []
+        self._pack_number: dict[bytes, int] = {}
+        self._keys = np.empty(0, np.uint64)
+        self._ids = np.empty((0, ID_BYTES), np.uint8)
+        self._types = np.empty(0, np.uint8)
+        self._packs = np.empty(0, np.uint32)
+        self._offsets = np.empty(0, np.uint32)
+        self._lengths = np.empty(0, np.uint32)
+        self._ulengths = np.empty(0, np.uint32)
+        # Recent additions, merged into the sorted arrays in bulk:
+        # (type code byte + id) -> (pack number, offset, length, uncompressed length).
+        self._recent: dict[bytes, tuple[int, int, int, int]] = {}
+
+    # -- adding --------------------------------------------------------------------------
+
+    def _pack_no(self, pack_id: bytes) -> int:
+        number = self._pack_number.get(pack_id)
+        if number is None:
+            number = len(self._pack_ids)
+            self._pack_ids.append(pack_id)
+            self._pack_number[pack_id] = number
+        return number
+
+    def add_pack(self, pack_id: bytes, entries: Iterable[PackEntry]) -> None:
+        """Record the blobs of one pack. A blob already known keeps its first location."""
+        number = self._pack_no(pack_id)
+        for e in entries:
+            key = bytes([_TYPE_CODE[e.blob_type]]) + e.blob_id
+            if key in self._recent or self._find_sorted(e.blob_id, _TYPE_CODE[e.blob_type]) >= 0:
+                continue
+            self._recent[key] = (number, e.offset_bytes, e.length_bytes,
+                                 e.uncompressed_length_bytes)
+        if len(self._recent) >= self._MERGE_THRESHOLD:
+            self._merge_recent()
+
+    def add_index_file(self, index_file: IndexFile) -> None:
+        """Record every pack of an index file, in one bulk merge."""
+        n = index_file.blob_count
+        if n == 0:
+            for pack_id, _ in index_file.packs:
+                self._pack_no(pack_id)
+            return
+        ids = bytearray()
+        types = np.empty(n, np.uint8)
+        packs = np.empty(n, np.uint32)
+        offsets = np.empty(n, np.uint32)
+        lengths = np.empty(n, np.uint32)
+        ulengths = np.empty(n, np.uint32)
+        i = 0
+        for pack_id, entries in index_file.packs:
+            number = self._pack_no(pack_id)
+            k = len(entries)
+            packs[i:i + k] = number
+            types[i:i + k] = [_TYPE_CODE[e.blob_type] for e in entries]
+            offsets[i:i + k] = [e.offset_bytes for e in entries]
+            lengths[i:i + k] = [e.length_bytes for e in entries]
+            ulengths[i:i + k] = [e.uncompressed_length_bytes for e in entries]
+            for e in entries:
+                ids += e.blob_id
+            i += k
+        self._merge_arrays(np.frombuffer(bytes(ids), np.uint8).reshape(n, ID_BYTES), types,
+                           packs, offsets, lengths, ulengths)
+
+    def _merge_recent(self) -> None:
+        if not self._recent:
+            return
+        n = len(self._recent)
+        raw = b"".join(self._recent.keys())
+        rows = np.frombuffer(raw, np.uint8).reshape(n, ID_BYTES + 1)
+        values = np.array(list(self._recent.values()), dtype=np.uint64).reshape(n, 4)
+        self._recent = {}
+        self._merge_arrays(rows[:, 1:], rows[:, 0].copy(), values[:, 0].astype(np.uint32),
+                           values[:, 1].astype(np.uint32), values[:, 2].astype(np.uint32),
+                           values[:, 3].astype(np.uint32))
+
+    def _merge_arrays(self, ids: np.ndarray, types: np.ndarray, packs: np.ndarray,
+                      offsets: np.ndarray, lengths: np.ndarray, ulengths: np.ndarray) -> None:
+        new_keys = ids[:, :8].copy().view(">u8").reshape(-1).astype(np.uint64)
+        keys = np.concatenate((self._keys, new_keys))
+        order = np.argsort(keys, kind="stable")  # existing entries stay first among equals
+        keys = keys[order]
+        all_ids = np.concatenate((self._ids, ids))[order]
+        all_types = np.concatenate((self._types, types))[order]
+        columns = [np.concatenate((old, new))[order] for old, new in
+                   ((self._packs, packs), (self._offsets, offsets), (self._lengths, lengths),
+                    (self._ulengths, ulengths))]
+        keep = np.ones(len(keys), dtype=bool)
+        same_prefix = np.flatnonzero(keys[1:] == keys[:-1]) + 1
+        if len(same_prefix):
+            # Equal 8-byte prefixes: duplicates of a blob (drop all but the first) or, very
+            # rarely, different IDs sharing a prefix (keep both).
+            for i in same_prefix:
+                j = i - 1
+                while j >= 0 and keys[j] == keys[i]:
+                    if keep[j] and all_types[j] == all_types[i] and \
+                            np.array_equal(all_ids[j], all_ids[i]):
+                        keep[i] = False
+                        break
+                    j -= 1
+        if not keep.all():
+            keys, all_ids, all_types = keys[keep], all_ids[keep], all_types[keep]
+            columns = [c[keep] for c in columns]
+        self._keys, self._ids, self._types = keys, np.ascontiguousarray(all_ids), all_types
+        self._packs, self._offsets, self._lengths, self._ulengths = columns
+
+    # -- looking up ----------------------------------------------------------------------
+
+    def _find_sorted(self, blob_id: bytes, type_code: int) -> int:
+        if not len(self._keys):
+            return -1
+        key = np.uint64(int.from_bytes(blob_id[:8], "big"))
+        i = int(np.searchsorted(self._keys, key))
+        n = len(self._keys)
+        while i < n and self._keys[i] == key:
+            if self._types[i] == type_code and self._ids[i].tobytes() == blob_id:
+                return i
+            i += 1
+        return -1
+
+    def lookup(self, blob_id: bytes, blob_type: BlobType) -> IndexedBlob | None:
+        code = _TYPE_CODE[blob_type]
+        hit = self._recent.get(bytes([code]) + blob_id)
+        if hit is not None:
+            number, offset, length, ulength = hit
+            return IndexedBlob(blob_id, blob_type, self._pack_ids[number], offset, length,
+                               ulength)
+        i = self._find_sorted(blob_id, code)
+        if i < 0:
+            return None
+        return IndexedBlob(blob_id, blob_type, self._pack_ids[int(self._packs[i])],
+                           int(self._offsets[i]), int(self._lengths[i]), int(self._ulengths[i]))
+
+    def has(self, blob_id: bytes, blob_type: BlobType) -> bool:
+        code = _TYPE_CODE[blob_type]
+        return bytes([code]) + blob_id in self._recent or self._find_sorted(blob_id, code) >= 0
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._recent)
+
+    def pack_ids(self) -> list[bytes]:
+        return list(self._pack_ids)
+
+    def __iter__(self) -> Iterator[IndexedBlob]:
+        self._merge_recent()
+        for i in range(len(self._keys)):
+            yield IndexedBlob(self._ids[i].tobytes(), _CODE_TYPE[int(self._types[i])],
+                              self._pack_ids[int(self._packs[i])], int(self._offsets[i]),
+                              int(self._lengths[i]), int(self._ulengths[i]))
+
+    def memory_bytes(self) -> int:
+        """Approximate memory held (arrays, pack IDs, recent entries)."""
+        arrays = sum(a.nbytes for a in (self._keys, self._ids, self._types, self._packs,
+                                        self._offsets, self._lengths, self._ulengths))
+        packs = len(self._pack_ids) * (ID_BYTES + 33 + 8 + 100)
+        recent = len(self._recent) * 250
+        return arrays + packs + recent
