@@ -41,6 +41,14 @@ def clamp_r(r: bytes) -> bytes:
     return bytes(a & b for a, b in zip(r, _R_MASK))
 
 
+def poly1305_aes(mac_k: bytes, mac_r: bytes, nonce: bytes,
+                 message: bytes | bytearray | memoryview) -> bytes:
+    """Poly1305-AES: Poly1305 with the one-time key `clamp(r) || AES-128_k(nonce)`."""
+    enc = Cipher(algorithms.AES(mac_k), modes.ECB()).encryptor()
+    one_time = clamp_r(mac_r) + enc.update(nonce) + enc.finalize()
+    return poly1305.Poly1305.generate_tag(one_time, message)
+
+
 def ciphertext_length(plaintext_bytes: int) -> int:
     return plaintext_bytes + EXTENSION_BYTES
 

@@ -187,6 +187,7 @@ class MasterIndex:
     def add_index_file(self, index_file: IndexFile) -> None:
         """Record every pack of an index file, in one bulk merge."""
         n = index_file.blob_count
+        self._merge_recent()
         if n == 0:
             for pack_id, _ in index_file.packs:
                 self._pack_no(pack_id)
