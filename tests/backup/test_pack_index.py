@@ -81,6 +81,11 @@ def test_index_json_as_restic_encodes_it() -> None:
     assert IndexFile.decode(f.encode(), "i").supersedes == [b"\x01" * 32]
 
 
+def _one_blob(fields: bytes) -> bytes:
+    return (b'{"packs":[{"id":"' + b"aa" * 32 + b'","blobs":[{"id":"' + b"bb" * 32
+            + b'","type":"data",' + fields + b"}]}]}")
+
+
 def test_old_index_format_and_malformed_ones() -> None:
     old = json.dumps([{"id": "aa" * 32, "blobs": [
         {"id": "bb" * 32, "type": "tree", "offset": 0, "length": 77}]}]).encode()
@@ -88,7 +93,10 @@ def test_old_index_format_and_malformed_ones() -> None:
     assert f.packs == [(b"\xaa" * 32, [PackEntry(BlobType.TREE, b"\xbb" * 32, 0, 77, 0)])]
     for bad in (b"not json", b'{"packs":[{"id":"zz"}]}', b'"string"',
                 b'{"packs":[{"id":"' + b"aa" * 32 + b'","blobs":[{"id":"' + b"bb" * 32
-                + b'","type":"other","offset":0,"length":1}]}]}'):
+                + b'","type":"other","offset":0,"length":1}]}]}',
+                _one_blob(b'"offset":-1,"length":1'), _one_blob(b'"offset":1.5,"length":1'),
+                _one_blob(b'"offset":0,"length":4294967296'), _one_blob(b'"offset":0'),
+                _one_blob(b'"offset":0,"length":true')):
         with pytest.raises(RepositoryFormatError):
             IndexFile.decode(bad, "i")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,11 +39,10 @@ INDEX_MAX_BLOBS = 50_000
 
 _TYPE_CODE = {BlobType.DATA: 0, BlobType.TREE: 1}
 _CODE_TYPE = {0: BlobType.DATA, 1: BlobType.TREE}
-_TYPE_BY_NAME = {"data": BlobType.DATA, "tree": BlobType.TREE}
+_TYPE_CODE_BY_NAME = {"data": 0, "tree": 1}
 
 
-@dataclass(frozen=True, slots=True)
-class IndexedBlob:
+class IndexedBlob(NamedTuple):
     """Where a blob is: its pack and its place in it."""
 
     blob_id: bytes
@@ -88,42 +88,78 @@ class IndexFile:
 
     @classmethod
     def decode(cls, raw: bytes, what: str) -> "IndexFile":
+        cols = IndexColumns.parse(raw, what)
+        packs = []
+        ids = cols.ids.tobytes()
+        types = [_CODE_TYPE[t] for t in cols.types.tolist()]
+        offsets, lengths = cols.offsets.tolist(), cols.lengths.tolist()
+        ulengths = cols.ulengths.tolist()
+        i = 0
+        for pack_id, count in zip(cols.pack_ids, cols.counts.tolist()):
+            packs.append((pack_id, [
+                PackEntry(types[k], ids[k * ID_BYTES:(k + 1) * ID_BYTES], offsets[k], lengths[k],
+                          ulengths[k]) for k in range(i, i + count)]))
+            i += count
+        return cls(packs, cols.supersedes)
+
+
+@dataclass
+class IndexColumns:
+    """An index file as columns (what loading a large index needs: no object per blob)."""
+
+    pack_ids: list[bytes]
+    counts: np.ndarray      # blobs per pack
+    ids: np.ndarray         # (n, 32) uint8
+    types: np.ndarray       # uint8: 0 data, 1 tree
+    offsets: np.ndarray     # uint32
+    lengths: np.ndarray     # uint32
+    ulengths: np.ndarray    # uint32, 0 = not compressed
+    supersedes: list[bytes]
+
+    @classmethod
+    def parse(cls, raw: bytes, what: str) -> "IndexColumns":
+        """Parse and validate an index file's JSON (the current format or the oldest one, a
+        bare array of packs)."""
         try:
             doc = json.loads(raw)
         except ValueError as exc:
             raise RepositoryFormatError(f"{what}: not JSON ({exc})") from None
-        supersedes: list[bytes] = []
-        if isinstance(doc, list):  # the oldest format: just the packs
-            pack_docs = doc
-        elif isinstance(doc, dict):
-            pack_docs = doc.get("packs") or []
-            try:
+        try:
+            if isinstance(doc, list):
+                pack_docs, supersedes = doc, []
+            elif isinstance(doc, dict):
+                pack_docs = doc.get("packs") or []
                 supersedes = [parse_id(s, "superseded index") for s in
                               doc.get("supersedes") or []]
-            except (ValueError, TypeError) as exc:
-                raise RepositoryFormatError(f"{what}: {exc}") from None
-        else:
-            raise RepositoryFormatError(f"{what}: neither an object nor an array")
-        packs = []
-        try:
-            for p in pack_docs:
-                pack_id = parse_id(p["id"], "pack ID")
-                entries = []
-                for b in p.get("blobs") or []:
-                    blob_type = _TYPE_BY_NAME.get(b["type"])
-                    if blob_type is None:
-                        raise ValueError(f"blob type {b['type']!r} is not data or tree")
-                    offset, length = int(b["offset"]), int(b["length"])
-                    uncompressed = int(b.get("uncompressed_length") or 0)
-                    if min(offset, length, uncompressed) < 0 or \
-                            max(offset, length, uncompressed) >= 1 << 32:
-                        raise ValueError(f"blob {b['id']!r} has an impossible offset or length")
-                    entries.append(PackEntry(blob_type, parse_id(b["id"], "blob ID"), offset,
-                                             length, uncompressed))
-                packs.append((pack_id, entries))
-        except (ValueError, KeyError, TypeError) as exc:
+            else:
+                raise ValueError("neither an object nor an array")
+            pack_ids = [parse_id(p["id"], "pack ID") for p in pack_docs]
+            blob_lists = [p.get("blobs") or [] for p in pack_docs]
+            blobs = [b for bl in blob_lists for b in bl]
+            n = len(blobs)
+            ids = bytes.fromhex("".join([b["id"] for b in blobs]))
+            if len(ids) != n * ID_BYTES:
+                raise ValueError("a blob ID is not 64 hexadecimal digits")
+            types = np.array([_TYPE_CODE_BY_NAME[b["type"]] for b in blobs], np.uint8)
+            numbers = [np.array([b["offset"] for b in blobs]),
+                       np.array([b["length"] for b in blobs]),
+                       np.array([b.get("uncompressed_length", 0) for b in blobs])]
+        except KeyError as exc:
+            raise RepositoryFormatError(f"{what}: malformed entry (missing or unknown "
+                                        f"{exc})") from None
+        except (ValueError, TypeError, AttributeError) as exc:
             raise RepositoryFormatError(f"{what}: malformed entry ({exc})") from None
-        return cls(packs, supersedes)
+        if n and any(a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= 1 << 32
+                     for a in numbers):
+            raise RepositoryFormatError(f"{what}: a blob has an impossible offset or length")
+        offsets, lengths, ulengths = (a.astype(np.uint32) for a in numbers)
+        return cls(pack_ids, np.array([len(bl) for bl in blob_lists], np.int64),
+                   np.frombuffer(ids, np.uint8).reshape(n, ID_BYTES), types, offsets, lengths,
+                   ulengths, supersedes)
+
+    @property
+    def blob_count(self) -> int:
+        return len(self.types)
 
 
 def split_into_files(packs: list[tuple[bytes, list[PackEntry]]],
@@ -141,6 +177,18 @@ def split_into_files(packs: list[tuple[bytes, list[PackEntry]]],
     if current.packs:
         files.append(current)
     return files
+
+
+def _columns_of(f: IndexFile) -> IndexColumns:
+    entries = [e for _, es in f.packs for e in es]
+    n = len(entries)
+    return IndexColumns(
+        [p for p, _ in f.packs], np.array([len(es) for _, es in f.packs], np.int64),
+        np.frombuffer(b"".join(e.blob_id for e in entries), np.uint8).reshape(n, ID_BYTES),
+        np.array([_TYPE_CODE[e.blob_type] for e in entries], np.uint8),
+        np.array([e.offset_bytes for e in entries], np.uint32),
+        np.array([e.length_bytes for e in entries], np.uint32),
+        np.array([e.uncompressed_length_bytes for e in entries], np.uint32), f.supersedes)
 
 
 class MasterIndex:
@@ -184,34 +232,17 @@ class MasterIndex:
         if len(self._recent) >= self._MERGE_THRESHOLD:
             self._merge_recent()
 
-    def add_index_file(self, index_file: IndexFile) -> None:
+    def add_index_file(self, index_file: "IndexFile | IndexColumns") -> None:
         """Record every pack of an index file, in one bulk merge."""
-        n = index_file.blob_count
         self._merge_recent()
-        if n == 0:
-            for pack_id, _ in index_file.packs:
-                self._pack_no(pack_id)
+        if isinstance(index_file, IndexFile):
+            index_file = _columns_of(index_file)
+        numbers = np.array([self._pack_no(p) for p in index_file.pack_ids], np.uint32)
+        if index_file.blob_count == 0:
             return
-        ids = bytearray()
-        types = np.empty(n, np.uint8)
-        packs = np.empty(n, np.uint32)
-        offsets = np.empty(n, np.uint32)
-        lengths = np.empty(n, np.uint32)
-        ulengths = np.empty(n, np.uint32)
-        i = 0
-        for pack_id, entries in index_file.packs:
-            number = self._pack_no(pack_id)
-            k = len(entries)
-            packs[i:i + k] = number
-            types[i:i + k] = [_TYPE_CODE[e.blob_type] for e in entries]
-            offsets[i:i + k] = [e.offset_bytes for e in entries]
-            lengths[i:i + k] = [e.length_bytes for e in entries]
-            ulengths[i:i + k] = [e.uncompressed_length_bytes for e in entries]
-            for e in entries:
-                ids += e.blob_id
-            i += k
-        self._merge_arrays(np.frombuffer(bytes(ids), np.uint8).reshape(n, ID_BYTES), types,
-                           packs, offsets, lengths, ulengths)
+        self._merge_arrays(index_file.ids, index_file.types,
+                           np.repeat(numbers, index_file.counts), index_file.offsets,
+                           index_file.lengths, index_file.ulengths)
 
     def _merge_recent(self) -> None:
         if not self._recent:

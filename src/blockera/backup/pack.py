@@ -21,7 +21,7 @@ Packs are cut at restic's default target of 16 MiB; the encrypted header may not
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from blockera.backup.crypto import EXTENSION_BYTES, MasterKey
 from blockera.backup.errors import RepositoryFormatError
@@ -45,10 +45,10 @@ _TYPE_CODES = {(BlobType.DATA, False): 0, (BlobType.TREE, False): 1,
                (BlobType.DATA, True): 2, (BlobType.TREE, True): 3}
 
 
-@dataclass(frozen=True, slots=True)
-class PackEntry:
+class PackEntry(NamedTuple):
     """One blob in a pack. `uncompressed_length_bytes` is 0 for a blob stored uncompressed
-    (then its plaintext is `length_bytes - 32` bytes)."""
+    (then its plaintext is `length_bytes - 32` bytes). (A named tuple: an index of a million
+    blobs builds a million of these.)"""
 
     blob_type: BlobType
     blob_id: bytes

@@ -39,7 +39,7 @@ from blockera.backup.crypto import MasterKey
 from blockera.backup.errors import (BackendError, BackendNotFoundError, IntegrityError,
                                     NotARepositoryError, RepositoryError)
 from blockera.backup.ids import BlobType, hash_id, is_id_hex, short
-from blockera.backup.index import INDEX_MAX_BLOBS, IndexFile, MasterIndex, split_into_files
+from blockera.backup.index import INDEX_MAX_BLOBS, IndexColumns, MasterIndex, split_into_files
 from blockera.backup.keys import (KdfParams, KeyFile, default_kdf_params, list_key_names,
                                   load_key_file, make_key_file, open_master_key, save_key_file)
 from blockera.backup.locks import RepositoryLock
@@ -234,8 +234,8 @@ class Repository:
             if not is_id_hex(fi.name):
                 continue
             raw = self.load_unpacked(FileType.INDEX, fi.name)
-            index.add_index_file(IndexFile.decode(raw, f"index {fi.name[:8]} in "
-                                                       f"{self.location}"))
+            index.add_index_file(IndexColumns.parse(raw, f"index {fi.name[:8]} in "
+                                                         f"{self.location}"))
         with self._state:
             for pack_id, entries in self._unindexed:
                 index.add_pack(pack_id, entries)
