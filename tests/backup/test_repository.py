@@ -17,8 +17,8 @@ from blockera.backup import repository as repository_module
 from blockera.backup.ids import hash_id
 from blockera.backup.index import IndexFile
 
-from .helpers import (PASSWORD, MiB, compressible_bytes, image_chunks, new_repo, random_bytes,
-                      tree_listing)
+from .helpers import (FAST_KDF, PASSWORD, MiB, compressible_bytes, image_chunks, new_repo,
+                      random_bytes, tree_listing)
 
 
 def _index_files(repo: Repository) -> list[IndexFile]:
@@ -122,7 +122,7 @@ class RecordingBackend(LocalBackend):
 
 def test_write_order_packs_then_index_then_snapshot(tmp_path: Path) -> None:
     backend = RecordingBackend(tmp_path / "repo")
-    repo = Repository.init(backend, PASSWORD, kdf_params=_fast(), pack_size_bytes=MiB,
+    repo = Repository.init(backend, PASSWORD, kdf_params=FAST_KDF, pack_size_bytes=MiB,
                            index_max_blobs=3)
     chunks = [random_bytes(MiB // 2, i) for i in range(9)]
     backend.saved.clear()
@@ -142,14 +142,9 @@ def test_write_order_packs_then_index_then_snapshot(tmp_path: Path) -> None:
     repo.close()
 
 
-def _fast():
-    from .helpers import FAST_KDF
-    return FAST_KDF
-
-
 def test_a_failed_pack_write_stops_everything(tmp_path: Path) -> None:
     backend = RecordingBackend(tmp_path / "repo")
-    repo = Repository.init(backend, PASSWORD, kdf_params=_fast(), pack_size_bytes=MiB)
+    repo = Repository.init(backend, PASSWORD, kdf_params=FAST_KDF, pack_size_bytes=MiB)
     backend.fail_on = FileType.PACK
     with repo.lock(recheck_delay_s=0.01):
         with pytest.raises(BackendError, match="injected failure"):
@@ -203,7 +198,7 @@ def test_snapshot_needs_its_tree(tmp_path: Path) -> None:
 
 def test_keys_can_be_added_and_listed(tmp_path: Path) -> None:
     repo = new_repo(tmp_path / "repo")
-    name = repo.add_key("second password", kdf_params=_fast(), username="bob", hostname="h2")
+    name = repo.add_key("second password", kdf_params=FAST_KDF, username="bob", hostname="h2")
     keys = {k.name: k for k in repo.list_keys()}
     assert set(keys) == {repo.key_name, name} and keys[name].username == "bob"
     other = Repository.open(LocalBackend(tmp_path / "repo"), "second password")

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from blockera.backup import (BlobType, FileType, GoTime, IntegrityError, LocalBackend,
+from blockera.backup import (BlobType, GoTime, IntegrityError, LocalBackend,
                              LockConflictError, LockLostError, Node, Repository, Snapshot, Tree)
 from blockera.backup.ids import hash_id
 from blockera.backup.keys import current_username
 from blockera.backup.locks import RepositoryLock
-from blockera.backup.tree import Tree as TreeType
 
-from .helpers import (PASSWORD, MiB, Restic, compressible_bytes, image_chunks, need_restic,
-                      new_repo, random_bytes)
+from .helpers import (FAST_KDF, PASSWORD, MiB, Restic, compressible_bytes, image_chunks,
+                      need_restic, new_repo, random_bytes)
 
 
 class Written:
@@ -123,7 +122,6 @@ def test_restic_cat_config_and_key_list(restic: Restic, written: Written) -> Non
 def test_key_added_by_blockera_opens_in_restic(written: Written, tmp_path: Path) -> None:
     root = _copy(written, tmp_path)
     repo = Repository.open(LocalBackend(root), PASSWORD)
-    from .helpers import FAST_KDF
     repo.add_key("another password", kdf_params=FAST_KDF)
     repo.close()
     out = Restic(root, "another password").run("key", "list", "--json").stdout
@@ -207,7 +205,7 @@ def test_damage_found_by_both(written: Written, tmp_path: Path) -> None:
 def _walk_trees(repo: Repository, tree_id: bytes, path: str = ""):
     raw = repo.load_blob(tree_id, BlobType.TREE)
     yield tree_id, raw
-    for node in TreeType.decode(raw, "t").nodes:
+    for node in Tree.decode(raw, "t").nodes:
         if node.type == "dir" and node.subtree is not None:
             yield from _walk_trees(repo, node.subtree, f"{path}/{node.name}")
 
@@ -250,7 +248,7 @@ def test_blockera_reads_and_extends_a_restic_repository(tmp_path: Path, version:
     # every tree re-encodes to restic's exact bytes
     trees = list(_walk_trees(repo, snap.tree))
     for tree_id, raw in trees:
-        assert TreeType.decode(raw, "t").encode() == raw
+        assert Tree.decode(raw, "t").encode() == raw
     disk = _find(repo, snap.tree, f"{src}/inner/disk.img")
     assert disk.size == len(content)
     assert b"".join(repo.load_blob(i) for i in disk.content) == content

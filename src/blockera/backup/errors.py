@@ -1,4 +1,4 @@
-"""Errors of the backup repository (docs/backup-repository.md, all sections).
+"""Errors of the backup repository (docs/backup-repository.md §12).
 
 Every failure a user can meet while opening, reading or writing a repository is one of these,
 with a message naming the repository (or the file in it) and what to do:

@@ -1,4 +1,4 @@
-"""JSON text exactly as Go's encoding/json writes it (docs/backup-repository.md §2.3).
+"""JSON text exactly as Go's encoding/json writes it (docs/backup-repository.md §5.1).
 
 restic names a tree blob by the SHA-256 of its JSON, so two writers deduplicate trees only when
 they produce the same bytes. Go's encoder differs from Python's `json.dumps` in three ways that

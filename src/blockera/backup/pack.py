@@ -1,4 +1,4 @@
-"""Pack files: blobs, then an encrypted header, then its length (docs/backup-repository.md §6).
+"""Pack files: blobs, an encrypted header, then its length (docs/backup-repository.md §6).
 
     blob_1 || … || blob_n || IV || AES-CTR(header) || MAC || header_length (u32 LE)
 
@@ -143,18 +143,19 @@ class PackBuilder:
         self.blob_type = blob_type
         self.target_bytes = target_bytes
         self.entries: list[PackEntry] = []
-        self._chunks: list[bytes] = []
+        self._data = bytearray()
         self.size_bytes = 0
         self._header_plain_bytes = 0
 
-    def add(self, blob_id: bytes, ciphertext: bytes, uncompressed_length_bytes: int) -> None:
+    def add(self, blob_id: bytes, ciphertext: bytes | bytearray,
+            uncompressed_length_bytes: int) -> None:
         if len(ciphertext) > (1 << 32) - 1:
             raise ValueError(f"blob {short(blob_id)} is too large for a pack "
                              f"({len(ciphertext)} bytes)")
         entry = PackEntry(self.blob_type, blob_id, self.size_bytes, len(ciphertext),
                           uncompressed_length_bytes)
         self.entries.append(entry)
-        self._chunks.append(ciphertext)
+        self._data += ciphertext
         self.size_bytes += len(ciphertext)
         self._header_plain_bytes += entry.header_entry_bytes
 
@@ -167,13 +168,12 @@ class PackBuilder:
                        + HEADER_LENGTH_BYTES)
         return self.size_bytes >= self.target_bytes or header_next > MAX_HEADER_BYTES
 
-    def finish(self, key: MasterKey) -> tuple[bytes, bytes]:
+    def finish(self, key: MasterKey) -> tuple[bytes, bytearray]:
         """(pack ID, pack file bytes)."""
         if not self.entries:
             raise ValueError("an empty pack cannot be written")
         header = key.encrypt(encode_header(self.entries))
-        self._chunks.append(header)
-        self._chunks.append(struct.pack("<I", len(header)))
-        data = b"".join(self._chunks)
-        self._chunks = []
+        data, self._data = self._data, bytearray()
+        data += header
+        data += struct.pack("<I", len(header))
         return hash_id(data), data

@@ -1,6 +1,6 @@
 """A restic repository (format version 2, also reads version 1): open it, store and load blobs,
-trees and snapshots (docs/backup-repository.md §11 for the write path, the other sections for
-each file).
+trees and snapshots (docs/backup-repository.md §11 writing, §12 reading; the other sections
+for each file).
 
     repo = Repository.open(LocalBackend("/srv/backup"), password)
     with repo.lock():                                  # non-exclusive; loads the index
