@@ -40,7 +40,8 @@ class Written:
         with repo.lock(recheck_delay_s=0.01):
             ids1 = [repo.save_blob(BlobType.DATA, c) for c in self.image1_chunks]
             root1 = repo.save_tree(Tree([Node.file("vda.img", len(self.image1), ids1)]))
-            s1 = Snapshot.new(root1, ["/dev/vda"], tags=["blockera", "full"])
+            s1 = Snapshot.new(root1, ["/dev/vda"], tags=["blockera", "full"],
+                              time=GoTime.parse("2025-06-01T12:00:00.123456789+02:00"))
             self.snap1 = repo.save_snapshot(s1)
             ids2 = [repo.save_blob(BlobType.DATA, c) for c in self.image2_chunks]
             inner = repo.save_tree(Tree([Node.file("vda", len(self.image2), ids2)]))

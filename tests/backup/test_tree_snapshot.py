@@ -109,3 +109,29 @@ def test_find_snapshot_by_prefix_and_latest() -> None:
         find_snapshot(snaps, "latest", hostname="h3")
     with pytest.raises(SnapshotNotFoundError, match="neither"):
         find_snapshot(snaps, "newest")
+
+
+@pytest.mark.parametrize("content", ['["' + "zz" * 32 + '"]', '["' + "ab" * 31 + ' a"]',
+                                     '["' + "ab" * 33 + '"]', "[1]", '"' + "ab" * 32 + '"'])
+def test_malformed_content_ids(content: str) -> None:
+    raw = ('{"nodes":[{"name":"x","type":"file","content":' + content + "}]}\n").encode()
+    with pytest.raises(RepositoryFormatError, match="not a valid tree"):
+        Tree.decode(raw, "t")
+
+
+def test_a_device_sized_content_list_round_trips() -> None:
+    ids = [i.to_bytes(32, "big") for i in range(100_000)]
+    raw = Tree([Node.file("vda", 100_000 << 20, ids)]).encode()
+    assert Tree.decode(raw, "t").nodes[0].content == ids
+
+
+def test_new_snapshots_carry_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time as time_mod
+    monkeypatch.setenv("TZ", "XST-5:30")                  # POSIX form: no zone files needed
+    time_mod.tzset()
+    try:
+        text = Snapshot.new(b"\x00" * 32, ["/dev/vda"]).time.format()
+        assert text.endswith("+05:30")
+    finally:
+        monkeypatch.undo()
+        time_mod.tzset()

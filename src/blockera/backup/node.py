@@ -60,6 +60,15 @@ def go_mode(st_mode: int) -> int:
     return mode
 
 
+def _parse_ids(hex_ids: list[str]) -> list[bytes]:
+    """A list of hex IDs (a device's file node can hold a million: one join, one fromhex)."""
+    joined = "".join(hex_ids)
+    raw = bytes.fromhex(joined)
+    if len(joined) != 64 * len(hex_ids) or len(raw) != 32 * len(hex_ids):
+        raise ValueError("a content blob ID is not 64 hexadecimal digits")
+    return [raw[i:i + 32] for i in range(0, len(raw), 32)]
+
+
 @dataclass
 class Node:
     name: str
@@ -168,7 +177,6 @@ class Node:
             extended_attributes=xattrs,  # type: ignore[arg-type]
             generic_attributes=dict(doc.get("generic_attributes") or {}),
             device=int(doc.get("device") or 0),
-            content=None if content is None else [parse_id(c, "content blob ID")
-                                                  for c in content],
+            content=None if content is None else _parse_ids(content),
             subtree=None if subtree is None else parse_id(subtree, "subtree ID"),
             error=doc.get("error") or "")
