@@ -347,3 +347,20 @@ def test_concurrent_writers_in_one_process(tmp_path: Path) -> None:
     entries = [e for f in _index_files(repo) for _, es in f.packs for e in es]
     assert len(entries) == len({e.blob_id for e in entries}) == 12
     repo.close()
+
+
+def test_index_written_when_packs_wait_too_long(tmp_path: Path, monkeypatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(repository_module.time, "monotonic", lambda: clock[0])
+    repo = new_repo(tmp_path / "repo", pack_size_bytes=MiB, threads=0)
+    with repo.lock(recheck_delay_s=0.01):
+        repo.save_blob(BlobType.DATA, random_bytes(MiB, 1))       # a pack, not yet indexed
+        assert list(repo.backend.list(FileType.INDEX)) == []
+        clock[0] += 9 * 60
+        repo.save_blob(BlobType.DATA, random_bytes(MiB, 2))
+        assert list(repo.backend.list(FileType.INDEX)) == []
+        clock[0] += 61
+        repo.save_blob(BlobType.DATA, random_bytes(MiB, 3))       # 10 minutes: index now
+        assert sum(f.blob_count for f in _index_files(repo)) == 3
+        repo.flush()
+    repo.close()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 
 _TYPE_CODE = {BlobType.DATA: b"\x00", BlobType.TREE: b"\x01"}
 _PACK_TAIL_GUESS_BYTES = 64 << 10
+INDEX_MAX_AGE_S = 10 * 60
+"""Packs written this long ago get an index file at the next pack, however few blobs wait
+(restic's rule: a long backup keeps its progress indexed)."""
 
 
 class BlobNotFoundError(RepositoryError):
@@ -90,6 +94,7 @@ class Repository:
         self._packers: dict[BlobType, PackBuilder] = {}
         self._unindexed: list[tuple[bytes, list[PackEntry]]] = []
         self._unindexed_blobs = 0
+        self._unindexed_since = 0.0              # monotonic time of the oldest unindexed pack
         self._futures: set[Future[None]] = set()
         self._failure: BaseException | None = None
         self._lock: RepositoryLock | None = None
@@ -324,9 +329,12 @@ class Repository:
             self._index.add_pack(pack_id, builder.entries)
             for e in builder.entries:
                 self._pending.discard(_TYPE_CODE[e.blob_type] + e.blob_id)
+            if not self._unindexed:
+                self._unindexed_since = time.monotonic()
             self._unindexed.append((pack_id, builder.entries))
             self._unindexed_blobs += len(builder.entries)
-            index_due = self._unindexed_blobs >= self.index_max_blobs
+            index_due = (self._unindexed_blobs >= self.index_max_blobs
+                         or time.monotonic() - self._unindexed_since >= INDEX_MAX_AGE_S)
         if index_due:
             self._write_index()
 
