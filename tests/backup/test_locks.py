@@ -10,6 +10,7 @@ import pytest
 
 from blockera.backup import (BlobType, FileType, GoTime, LockConflictError, LockLostError,
                              Repository, RepositoryError, remove_stale_locks)
+from blockera.backup.ids import hash_id
 from blockera.backup.locks import LockRecord, RepositoryLock, is_stale, list_locks
 
 from .helpers import new_repo
@@ -171,3 +172,13 @@ def test_writes_need_a_live_lock(tmp_path: Path) -> None:
     assert list(repo.backend.list(FileType.PACK)) == packs_before
     lock.release()
     repo.close()
+
+
+def test_an_unreadable_lock_blocks_until_removed(tmp_path: Path) -> None:
+    repo = new_repo(tmp_path / "repo")
+    junk = repo.key.encrypt(b"\x02not zstd")
+    repo.backend.save(FileType.LOCK, hash_id(junk).hex(), junk)
+    with pytest.raises(LockConflictError, match="restic unlock --remove-all"):
+        _quick(repo).acquire()
+    assert remove_stale_locks(repo) == []        # skipped, not removed, by the stale cleanup
+    assert len(list(repo.backend.list(FileType.LOCK))) == 1

@@ -124,23 +124,28 @@ class LockFiles(Protocol):
     def load_unpacked(self, ftype: FileType, name: str) -> bytes: ...
 
 
-def list_locks(repo: LockFiles, *, exclude: set[str] | frozenset[str] = frozenset()
-               ) -> list[tuple[str, LockRecord]]:
-    """Every readable lock. A lock that disappears while being read is skipped (its holder
-    just refreshed or released it); one that cannot be decrypted or parsed is an error."""
+def list_locks(repo: LockFiles, *, exclude: set[str] | frozenset[str] = frozenset(),
+               skip_invalid: bool = False) -> list[tuple[str, LockRecord]]:
+    """Every lock. A lock that disappears while being read is skipped (its holder just
+    refreshed or released it). One that cannot be decrypted or parsed is skipped with
+    `skip_invalid`, else it is a `LockConflictError`: whether it still protects something
+    cannot be known."""
     out = []
     for fi in repo.backend.list(FileType.LOCK):
         if not is_id_hex(fi.name) or fi.name in exclude:
             continue
         what = f"lock {fi.name[:8]} in {repo.backend.location}"
         try:
-            raw = repo.load_unpacked(FileType.LOCK, fi.name)
+            out.append((fi.name, LockRecord.decode(repo.load_unpacked(FileType.LOCK, fi.name),
+                                                   what)))
         except BackendNotFoundError:
             continue
-        except IntegrityError as exc:
+        except (IntegrityError, RepositoryFormatError) as exc:
+            if skip_invalid:
+                log.warning("ignoring unreadable %s: %s", what, exc)
+                continue
             raise LockConflictError(f"{exc}. If no other process uses the repository, remove "
                                     "all locks (restic unlock --remove-all)") from None
-        out.append((fi.name, LockRecord.decode(raw, what)))
     return out
 
 
@@ -151,7 +156,7 @@ def remove_stale_locks(repo: LockFiles, *, now_ns: int | None = None,
     now = time.time_ns() if now_ns is None else now_ns
     host = socket.gethostname() if hostname is None else hostname
     removed = []
-    for name, lock in list_locks(repo):
+    for name, lock in list_locks(repo, skip_invalid=True):
         if is_stale(lock, now_ns=now, hostname=host, pid_exists=pid_exists):
             try:
                 repo.backend.remove(FileType.LOCK, name)

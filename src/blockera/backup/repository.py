@@ -44,7 +44,8 @@ from blockera.backup.index import INDEX_MAX_BLOBS, IndexColumns, MasterIndex, sp
 from blockera.backup.keys import (KdfParams, KeyFile, default_kdf_params, list_key_names,
                                   load_key_file, make_key_file, open_master_key, save_key_file)
 from blockera.backup.locks import RepositoryLock
-from blockera.backup.pack import PACK_SIZE_BYTES, PackBuilder, PackEntry, parse_pack_tail
+from blockera.backup.pack import (MAX_BLOB_BYTES, PACK_SIZE_BYTES, PackBuilder, PackEntry,
+                                  parse_pack_tail)
 from blockera.backup.snapshots import Snapshot, find_snapshot
 from blockera.backup.tree import Tree
 
@@ -258,6 +259,9 @@ class Repository:
     def save_blob(self, blob_type: BlobType, data: bytes | bytearray | memoryview) -> bytes:
         """Store a blob unless the repository already has it; returns its ID (SHA-256)."""
         self._check_writable()
+        if len(data) > MAX_BLOB_BYTES:
+            raise ValueError(f"a blob of {len(data)} bytes is larger than a pack can describe "
+                             f"({MAX_BLOB_BYTES} bytes)")
         data = bytes(data)
         blob_id = hash_id(data)
         key = _TYPE_CODE[blob_type] + blob_id
