@@ -234,15 +234,26 @@ class MasterIndex:
 
     def add_index_file(self, index_file: "IndexFile | IndexColumns") -> None:
         """Record every pack of an index file, in one bulk merge."""
+        self.add_index_files([index_file])
+
+    def add_index_files(self, index_files: "list[IndexFile | IndexColumns]") -> None:
+        """Record the packs of several index files with a single sort (loading a repository's
+        whole index)."""
         self._merge_recent()
-        if isinstance(index_file, IndexFile):
-            index_file = _columns_of(index_file)
-        numbers = np.array([self._pack_no(p) for p in index_file.pack_ids], np.uint32)
-        if index_file.blob_count == 0:
+        columns = [_columns_of(f) if isinstance(f, IndexFile) else f for f in index_files]
+        packs = []
+        for c in columns:
+            numbers = np.array([self._pack_no(p) for p in c.pack_ids], np.uint32)
+            packs.append(np.repeat(numbers, c.counts))
+        columns = [c for c in columns if c.blob_count]
+        if not columns:
             return
-        self._merge_arrays(index_file.ids, index_file.types,
-                           np.repeat(numbers, index_file.counts), index_file.offsets,
-                           index_file.lengths, index_file.ulengths)
+        self._merge_arrays(np.concatenate([c.ids for c in columns]),
+                           np.concatenate([c.types for c in columns]),
+                           np.concatenate([p for p in packs if len(p)]).astype(np.uint32),
+                           np.concatenate([c.offsets for c in columns]),
+                           np.concatenate([c.lengths for c in columns]),
+                           np.concatenate([c.ulengths for c in columns]))
 
     def _merge_recent(self) -> None:
         if not self._recent:
@@ -270,9 +281,14 @@ class MasterIndex:
         keep = np.ones(len(keys), dtype=bool)
         same_prefix = np.flatnonzero(keys[1:] == keys[:-1]) + 1
         if len(same_prefix):
-            # Equal 8-byte prefixes: duplicates of a blob (drop all but the first) or, very
-            # rarely, different IDs sharing a prefix (keep both).
-            for i in same_prefix:
+            # Equal 8-byte prefixes next to each other: mostly the same blob listed again (by
+            # overlapping index files): keep only the first.
+            same_blob = ((all_ids[same_prefix] == all_ids[same_prefix - 1]).all(axis=1)
+                         & (all_types[same_prefix] == all_types[same_prefix - 1]))
+            keep[same_prefix[same_blob]] = False
+            # Very rarely, different blobs sharing a prefix: a duplicate may then sit further
+            # back in the run of equal prefixes.
+            for i in same_prefix[~same_blob]:
                 j = i - 1
                 while j >= 0 and keys[j] == keys[i]:
                     if keep[j] and all_types[j] == all_types[i] and \

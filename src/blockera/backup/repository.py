@@ -236,12 +236,13 @@ class Repository:
         """Read every index file into a fresh master index (plus the packs this process wrote
         but has not indexed yet)."""
         index = MasterIndex()
+        files = []
         for fi in sorted(self.backend.list(FileType.INDEX), key=lambda f: f.name):
             if not is_id_hex(fi.name):
                 continue
             raw = self.load_unpacked(FileType.INDEX, fi.name)
-            index.add_index_file(IndexColumns.parse(raw, f"index {fi.name[:8]} in "
-                                                         f"{self.location}"))
+            files.append(IndexColumns.parse(raw, f"index {fi.name[:8]} in {self.location}"))
+        index.add_index_files(files)
         with self._state:
             for pack_id, entries in self._unindexed:
                 index.add_pack(pack_id, entries)
