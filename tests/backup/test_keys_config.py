@@ -12,8 +12,8 @@ from blockera.backup import LocalBackend, WrongPasswordError
 from blockera.backup.config import RepoConfig, is_irreducible, random_polynomial
 from blockera.backup.crypto import MasterKey
 from blockera.backup.errors import RepositoryFormatError
-from blockera.backup.keys import (KdfParams, KeyFile, load_key_file, make_key_file,
-                                  open_master_key, save_key_file)
+from blockera.backup.keys import (KDF_MEMORY_MIB, KdfParams, KeyFile, load_key_file,
+                                  make_key_file, n_for_memory, open_master_key, save_key_file)
 
 from .helpers import FAST_KDF
 
@@ -77,6 +77,11 @@ def test_malformed_key_files(tmp_path: Path) -> None:
     doc["kdf"] = "argon2"
     with pytest.raises(RepositoryFormatError, match="only scrypt"):
         KeyFile.decode(json.dumps(doc).encode(), "ab" * 32, "repo").open("pw")
+
+
+def test_restics_memory_budget_gives_n_32768() -> None:
+    assert n_for_memory(KDF_MEMORY_MIB) == 32768
+    assert n_for_memory(64) == 32768 and n_for_memory(65) == 65536
 
 
 def test_calibration_follows_restics_rule() -> None:

@@ -87,10 +87,7 @@ class KdfParams:
         timeout; then p as high as fits in the timeout."""
         salt = os.urandom(SALT_BYTES)
         r = 8
-        n = 1
-        while 128 * r * n < memory_mib << 20:
-            n <<= 1
-        n >>= 1
+        n = n_for_memory(memory_mib, r)
 
         def run(params: "KdfParams") -> float:
             start = time.perf_counter()
@@ -107,6 +104,15 @@ class KdfParams:
             p = max(1, int(timeout_s / (duration / p)))
             duration = run(cls(n, r, p))
         return cls(n, r, p)
+
+
+def n_for_memory(memory_mib: int, r: int = 8) -> int:
+    """The largest power-of-two N whose 128·r·N bytes stay below `memory_mib` (restic: 32768
+    for its 60 MiB)."""
+    n = 1
+    while 128 * r * n < memory_mib << 20:
+        n <<= 1
+    return max(2, n >> 1)
 
 
 _calibrated: KdfParams | None = None
