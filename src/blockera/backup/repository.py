@@ -73,7 +73,10 @@ class Repository:
                  compression: bool = True, index_max_blobs: int = INDEX_MAX_BLOBS,
                  max_in_flight: int | None = None) -> None:
         """Use `init` or `open`. `threads`: compress/encrypt workers (0: do everything in the
-        caller's thread; default: one per CPU, at most 4)."""
+        caller's thread; default: one per CPU, at most 4). `pack_size_bytes`: when a pack is
+        closed (restic's default 16 MiB; restic writes 4 to 128 MiB, reads any).
+        `compression`: zstd for blobs (version 2 only). `index_max_blobs`: blobs per index
+        file. `max_in_flight`: blobs waiting for a worker (default twice the workers)."""
         if pack_size_bytes <= 0 or index_max_blobs <= 0:
             raise ValueError("pack size and index size must be positive")
         self.backend = backend
@@ -109,9 +112,13 @@ class Repository:
 
     @classmethod
     def init(cls, backend: Backend, password: str | bytes, *, version: int = STABLE_VERSION,
-             kdf_params: KdfParams | None = None, **options: object) -> "Repository":
+             kdf_params: KdfParams | None = None, threads: int | None = None,
+             pack_size_bytes: int = PACK_SIZE_BYTES, compression: bool = True,
+             index_max_blobs: int = INDEX_MAX_BLOBS,
+             max_in_flight: int | None = None) -> "Repository":
         """Create a repository: restic's directory layout, a new master key under `password`
-        (scrypt parameters calibrated like restic's unless given), and the config."""
+        (scrypt parameters calibrated like restic's unless given), and the config. The other
+        options are those of the constructor."""
         try:
             exists = backend.exists(FileType.CONFIG, "")
         except BackendError:
@@ -124,12 +131,17 @@ class Repository:
         key = make_key_file(password, master, kdf_params or default_kdf_params())
         key_name = save_key_file(backend, key)
         backend.save(FileType.CONFIG, "", master.encrypt(config.encode()))
-        return cls(backend, master, key_name, config, **options)  # type: ignore[arg-type]
+        return cls(backend, master, key_name, config, threads=threads,
+                   pack_size_bytes=pack_size_bytes, compression=compression,
+                   index_max_blobs=index_max_blobs, max_in_flight=max_in_flight)
 
     @classmethod
     def open(cls, backend: Backend, password: str | bytes, *, key_hint: str | None = None,
-             **options: object) -> "Repository":
-        """Open an existing repository with one of its passwords."""
+             threads: int | None = None, pack_size_bytes: int = PACK_SIZE_BYTES,
+             compression: bool = True, index_max_blobs: int = INDEX_MAX_BLOBS,
+             max_in_flight: int | None = None) -> "Repository":
+        """Open an existing repository with one of its passwords (the key file whose name
+        starts with `key_hint` is tried first)."""
         try:
             has_config = backend.exists(FileType.CONFIG, "")
         except BackendError as exc:
@@ -144,7 +156,9 @@ class Repository:
         except IntegrityError as exc:
             raise IntegrityError(f"{exc} (the config or key {key_name[:8]} is damaged)") from None
         config = RepoConfig.decode(plain, backend.location)
-        return cls(backend, master, key_name, config, **options)  # type: ignore[arg-type]
+        return cls(backend, master, key_name, config, threads=threads,
+                   pack_size_bytes=pack_size_bytes, compression=compression,
+                   index_max_blobs=index_max_blobs, max_in_flight=max_in_flight)
 
     def close(self) -> None:
         """Stop the workers and release the lock. Blobs not flushed are dropped."""
