@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,26 @@ def need_restic() -> None:
         if os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
             pytest.fail(f"{reason} (and {REQUIRE_ENV} is set)")
         pytest.skip(reason)
+
+
+LOCK_HOLDER = """
+import signal, sys
+from blockera.backup import LocalBackend, Repository
+repo = Repository.open(LocalBackend(sys.argv[1]), sys.argv[2])
+with repo.lock(recheck_delay_s=0.01) as lock:
+    print("locked", lock.name, flush=True)
+    sys.stdin.readline()
+print("released", signal.getsignal(signal.SIGHUP) == signal.SIG_DFL, flush=True)
+repo.close()
+"""
+
+
+def start_lock_holder(root: Path) -> subprocess.Popen:
+    """Another process holding a non-exclusive blockera lock until a line arrives on its
+    standard input. Its first output line is `locked <lock name>`."""
+    import blockera
+    src = str(Path(blockera.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(root), PASSWORD],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, text=True)

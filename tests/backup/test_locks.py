@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ from blockera.backup import (BlobType, FileType, GoTime, LockConflictError, Lock
 from blockera.backup.ids import hash_id
 from blockera.backup.locks import LockRecord, RepositoryLock, is_stale, list_locks
 
-from .helpers import new_repo
+from .helpers import new_repo, start_lock_holder
 
 MIN_NS = 60 * 1_000_000_000
 NOW = 1_800_000_000 * 1_000_000_000
@@ -182,3 +184,23 @@ def test_an_unreadable_lock_blocks_until_removed(tmp_path: Path) -> None:
         _quick(repo).acquire()
     assert remove_stale_locks(repo) == []        # skipped, not removed, by the stale cleanup
     assert len(list(repo.backend.list(FileType.LOCK))) == 1
+
+
+def test_a_lock_holder_survives_restics_liveness_probe(tmp_path: Path) -> None:
+    # restic probes a lock's process with SIGHUP; Python's default would end it.
+    new_repo(tmp_path / "repo").close()
+    holder = start_lock_holder(tmp_path / "repo")
+    try:
+        first = holder.stdout.readline().split()
+        assert first[0] == "locked", holder.stderr.read()
+        os.kill(holder.pid, signal.SIGHUP)
+        time.sleep(0.2)
+        assert holder.poll() is None
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().split() == ["released", "True"]  # default restored
+        assert holder.wait(timeout=30) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()

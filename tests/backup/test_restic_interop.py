@@ -21,7 +21,7 @@ from blockera.backup.keys import current_username
 from blockera.backup.locks import RepositoryLock
 
 from .helpers import (FAST_KDF, PASSWORD, MiB, Restic, compressible_bytes, image_chunks,
-                      need_restic, new_repo, random_bytes)
+                      need_restic, new_repo, random_bytes, start_lock_holder)
 
 
 class Written:
@@ -342,6 +342,30 @@ def test_restic_unlock_judges_blockeras_lock_stale_and_blockera_notices(written:
         lock.check()
     lock.release()
     repo.close()
+
+
+def test_restic_unlock_leaves_a_live_blockera_lock_alone(written: Written,
+                                                         tmp_path: Path) -> None:
+    # restic probes the holder with SIGHUP: the holder must survive and keep its lock.
+    root = _copy(written, tmp_path)
+    holder = start_lock_holder(root)
+    try:
+        first = holder.stdout.readline().split()
+        assert first[0] == "locked", holder.stderr.read()
+        Restic(root).run("unlock")
+        time.sleep(0.2)
+        assert holder.poll() is None
+        assert [p.name for p in (root / "locks").iterdir()] == [first[1]]
+        assert Restic(root).run("prune", check=False).returncode != 0
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().split()[0] == "released"
+        assert holder.wait(timeout=30) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert list((root / "locks").iterdir()) == []
 
 
 def test_restic_reads_every_field_of_blockeras_lock(written: Written, tmp_path: Path) -> None:

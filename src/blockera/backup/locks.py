@@ -19,6 +19,12 @@ A lock is an unpacked file `locks/<id>` (encrypted, `0x02 || zstd(JSON)` in vers
   for 22.5 minutes (30 minus one and a half refresh intervals, a margin for clock drift), the
   lock is lost: `check()` raises `LockLostError` and every write of the repository stops, since a
   prune elsewhere may already be deleting packs this process has not indexed yet.
+
+restic decides whether a lock's process is alive by sending it SIGHUP (and ignores SIGHUP
+itself). Python's default for SIGHUP is to terminate, so while a lock is held this module
+installs a handler that ignores it (in the main thread, when SIGHUP still has its default
+disposition; restored on release): otherwise `restic unlock` on the same host would kill the
+backup that holds the lock.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -112,6 +119,44 @@ def is_stale(lock: LockRecord, *, now_ns: int, hostname: str,
     if lock.hostname != hostname:
         return False
     return not pid_exists(lock.pid)
+
+
+def _ignore_sighup(signum: int, frame: object) -> None:
+    """restic's liveness probe: being asked is the answer."""
+
+
+class _SighupGuard:
+    """Ignore SIGHUP while at least one lock is held in this process."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._holders = 0
+        self._installed = False
+
+    def enter(self) -> None:
+        with self._mutex:
+            self._holders += 1
+            if self._installed or signal.getsignal(signal.SIGHUP) != signal.SIG_DFL:
+                return  # already ignored, or the program handles SIGHUP itself
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGHUP, _ignore_sighup)
+                self._installed = True
+            else:
+                log.warning("a repository lock is held outside the main thread with SIGHUP at "
+                            "its default: `restic unlock` on this host would end this process "
+                            "(have the program ignore SIGHUP)")
+
+    def leave(self) -> None:
+        with self._mutex:
+            self._holders -= 1
+            if (self._holders == 0 and self._installed
+                    and threading.current_thread() is threading.main_thread()):
+                if signal.getsignal(signal.SIGHUP) is _ignore_sighup:
+                    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+                self._installed = False
+
+
+_sighup_guard = _SighupGuard()
 
 
 class LockFiles(Protocol):
@@ -240,6 +285,7 @@ class RepositoryLock:
             self._remove_own(self.name)
             self.name = None
             raise
+        _sighup_guard.enter()
         self._stop.clear()
         self._thread = threading.Thread(target=self._refresh_loop, daemon=True,
                                         name=f"lock refresh {self.name[:8]}")
@@ -251,6 +297,7 @@ class RepositoryLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+            _sighup_guard.leave()
         with self._mutex:
             if self.name is not None:
                 self._remove_own(self.name)
