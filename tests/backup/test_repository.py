@@ -364,3 +364,28 @@ def test_index_written_when_packs_wait_too_long(tmp_path: Path, monkeypatch) -> 
         assert sum(f.blob_count for f in _index_files(repo)) == 3
         repo.flush()
     repo.close()
+
+
+def test_an_interrupted_save_leaves_no_phantom_blob(tmp_path: Path) -> None:
+    # A blob the workers never got must not count as stored (a later snapshot would point
+    # at nothing).
+    repo = new_repo(tmp_path / "repo", threads=1)
+    real_slots = repo._slots
+
+    class Interrupted:
+        def acquire(self) -> None:
+            raise KeyboardInterrupt
+
+        def release(self) -> None:
+            real_slots.release()
+
+    with repo.lock(recheck_delay_s=0.01):
+        repo._slots = Interrupted()
+        with pytest.raises(KeyboardInterrupt):
+            repo.save_blob(BlobType.DATA, b"never taken")
+        repo._slots = real_slots
+        assert not repo.has_blob(hash_id(b"never taken"), BlobType.DATA)
+        blob_id = repo.save_blob(BlobType.DATA, b"never taken")
+        repo.flush()
+    assert repo.load_blob(blob_id) == b"never taken"
+    repo.close()

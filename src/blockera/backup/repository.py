@@ -165,6 +165,11 @@ class Repository:
         if self._closed:
             return
         self._closed = True
+        with self._state:
+            unflushed = len(self._pending) + self._unindexed_blobs
+        if unflushed and self._failure is None:
+            log.warning("%s: closed with %d blobs not flushed; they are in no "
+                        "index", self.location, unflushed)
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
         if self._lock is not None:
@@ -292,11 +297,18 @@ class Repository:
                 self._fail(exc)
                 raise
             return blob_id
-        self._slots.acquire()
+        try:
+            self._slots.acquire()
+        except BaseException:  # interrupted while waiting: the blob was not taken
+            with self._state:
+                self._pending.discard(key)
+            raise
         try:
             future = self._executor.submit(self._store, blob_type, blob_id, data)
         except BaseException:
             self._slots.release()
+            with self._state:
+                self._pending.discard(key)
             raise
         with self._state:
             self._futures.add(future)
@@ -403,6 +415,13 @@ class Repository:
         not yet indexed. When it returns, everything saved so far is durable and indexed."""
         self._check_writable()
         self._flush_packs()
+        with self._state:
+            lost = len(self._pending)
+        if lost:  # cannot happen unless a worker died unnoticed; never reference such blobs
+            exc = RepositoryError(f"{self.location}: {lost} blobs were accepted but not stored; "
+                                  "nothing more is written through this repository object")
+            self._fail(exc)
+            raise exc
         try:
             self._write_index()
         except BaseException as exc:
