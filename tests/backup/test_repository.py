@@ -389,3 +389,15 @@ def test_an_interrupted_save_leaves_no_phantom_blob(tmp_path: Path) -> None:
         repo.flush()
     assert repo.load_blob(blob_id) == b"never taken"
     repo.close()
+
+
+def test_a_reader_sees_snapshots_written_after_it_loaded_the_index(tmp_path: Path) -> None:
+    writer = new_repo(tmp_path / "repo")
+    reader = Repository.open(LocalBackend(tmp_path / "repo"), PASSWORD)
+    assert len(reader.index) == 0                      # index loaded, still empty
+    sid = _backup(writer, image_chunks(seed=9))
+    assert _restore(reader, sid) == b"".join(image_chunks(seed=9))
+    with pytest.raises(BlobNotFoundError, match="not in the index"):
+        reader.load_blob(b"\x07" * 32)
+    writer.close()
+    reader.close()

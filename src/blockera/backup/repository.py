@@ -440,6 +440,11 @@ class Repository:
                 self._flush_packs()
                 found = self.index.lookup(blob_id, blob_type)
         if found is None:
+            # Perhaps written by another process after our index was loaded (a snapshot listed
+            # later than the index was read): read the index again, once.
+            self.load_index()
+            found = self.index.lookup(blob_id, blob_type)
+        if found is None:
             raise BlobNotFoundError(f"{self.location}: {blob_type.value} blob "
                                     f"{blob_id.hex()} is not in the index")
         what = (f"{blob_type.value} blob {short(blob_id)} in pack {short(found.pack_id)} of "
