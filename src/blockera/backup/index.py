@@ -24,6 +24,7 @@ of the hundreds a dict of objects would take.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -192,11 +193,13 @@ def _columns_of(f: IndexFile) -> IndexColumns:
 
 
 class MasterIndex:
-    """Blob (ID, type) → pack, offset, lengths, for every blob of a repository."""
+    """Blob (ID, type) → pack, offset, lengths, for every blob of a repository. Safe to use
+    from several threads (one internal lock)."""
 
     _MERGE_THRESHOLD = 1 << 16
 
     def __init__(self) -> None:
+        self._mutex = threading.RLock()
         self._pack_ids: list[bytes] = []
         self._pack_number: dict[bytes, int] = {}
         self._keys = np.empty(0, np.uint64)
@@ -222,15 +225,17 @@ class MasterIndex:
 
     def add_pack(self, pack_id: bytes, entries: Iterable[PackEntry]) -> None:
         """Record the blobs of one pack. A blob already known keeps its first location."""
-        number = self._pack_no(pack_id)
-        for e in entries:
-            key = bytes([_TYPE_CODE[e.blob_type]]) + e.blob_id
-            if key in self._recent or self._find_sorted(e.blob_id, _TYPE_CODE[e.blob_type]) >= 0:
-                continue
-            self._recent[key] = (number, e.offset_bytes, e.length_bytes,
-                                 e.uncompressed_length_bytes)
-        if len(self._recent) >= self._MERGE_THRESHOLD:
-            self._merge_recent()
+        with self._mutex:
+            number = self._pack_no(pack_id)
+            for e in entries:
+                code = _TYPE_CODE[e.blob_type]
+                key = bytes([code]) + e.blob_id
+                if key in self._recent or self._find_sorted(e.blob_id, code) >= 0:
+                    continue
+                self._recent[key] = (number, e.offset_bytes, e.length_bytes,
+                                     e.uncompressed_length_bytes)
+            if len(self._recent) >= self._MERGE_THRESHOLD:
+                self._merge_recent()
 
     def add_index_file(self, index_file: "IndexFile | IndexColumns") -> None:
         """Record every pack of an index file, in one bulk merge."""
@@ -239,21 +244,22 @@ class MasterIndex:
     def add_index_files(self, index_files: "list[IndexFile | IndexColumns]") -> None:
         """Record the packs of several index files with a single sort (loading a repository's
         whole index)."""
-        self._merge_recent()
-        columns = [_columns_of(f) if isinstance(f, IndexFile) else f for f in index_files]
-        packs = []
-        for c in columns:
-            numbers = np.array([self._pack_no(p) for p in c.pack_ids], np.uint32)
-            packs.append(np.repeat(numbers, c.counts))
-        columns = [c for c in columns if c.blob_count]
-        if not columns:
-            return
-        self._merge_arrays(np.concatenate([c.ids for c in columns]),
-                           np.concatenate([c.types for c in columns]),
-                           np.concatenate([p for p in packs if len(p)]).astype(np.uint32),
-                           np.concatenate([c.offsets for c in columns]),
-                           np.concatenate([c.lengths for c in columns]),
-                           np.concatenate([c.ulengths for c in columns]))
+        with self._mutex:
+            self._merge_recent()
+            columns = [_columns_of(f) if isinstance(f, IndexFile) else f for f in index_files]
+            packs = []
+            for c in columns:
+                numbers = np.array([self._pack_no(p) for p in c.pack_ids], np.uint32)
+                packs.append(np.repeat(numbers, c.counts))
+            columns = [c for c in columns if c.blob_count]
+            if not columns:
+                return
+            self._merge_arrays(np.concatenate([c.ids for c in columns]),
+                               np.concatenate([c.types for c in columns]),
+                               np.concatenate([p for p in packs if len(p)]).astype(np.uint32),
+                               np.concatenate([c.offsets for c in columns]),
+                               np.concatenate([c.lengths for c in columns]),
+                               np.concatenate([c.ulengths for c in columns]))
 
     def _merge_recent(self) -> None:
         if not self._recent:
@@ -317,39 +323,50 @@ class MasterIndex:
         return -1
 
     def lookup(self, blob_id: bytes, blob_type: BlobType) -> IndexedBlob | None:
-        code = _TYPE_CODE[blob_type]
-        hit = self._recent.get(bytes([code]) + blob_id)
-        if hit is not None:
-            number, offset, length, ulength = hit
-            return IndexedBlob(blob_id, blob_type, self._pack_ids[number], offset, length,
-                               ulength)
-        i = self._find_sorted(blob_id, code)
-        if i < 0:
-            return None
-        return IndexedBlob(blob_id, blob_type, self._pack_ids[int(self._packs[i])],
-                           int(self._offsets[i]), int(self._lengths[i]), int(self._ulengths[i]))
+        with self._mutex:
+            code = _TYPE_CODE[blob_type]
+            hit = self._recent.get(bytes([code]) + blob_id)
+            if hit is not None:
+                number, offset, length, ulength = hit
+                return IndexedBlob(blob_id, blob_type, self._pack_ids[number], offset, length,
+                                   ulength)
+            i = self._find_sorted(blob_id, code)
+            if i < 0:
+                return None
+            return IndexedBlob(blob_id, blob_type, self._pack_ids[int(self._packs[i])],
+                               int(self._offsets[i]), int(self._lengths[i]), int(self._ulengths[i]))
 
     def has(self, blob_id: bytes, blob_type: BlobType) -> bool:
-        code = _TYPE_CODE[blob_type]
-        return bytes([code]) + blob_id in self._recent or self._find_sorted(blob_id, code) >= 0
+        with self._mutex:
+            code = _TYPE_CODE[blob_type]
+            return bytes([code]) + blob_id in self._recent or self._find_sorted(blob_id, code) >= 0
 
     def __len__(self) -> int:
-        return len(self._keys) + len(self._recent)
+        with self._mutex:
+            return len(self._keys) + len(self._recent)
 
     def pack_ids(self) -> list[bytes]:
-        return list(self._pack_ids)
+        with self._mutex:
+            return list(self._pack_ids)
 
     def __iter__(self) -> Iterator[IndexedBlob]:
-        self._merge_recent()
-        for i in range(len(self._keys)):
-            yield IndexedBlob(self._ids[i].tobytes(), _CODE_TYPE[int(self._types[i])],
-                              self._pack_ids[int(self._packs[i])], int(self._offsets[i]),
-                              int(self._lengths[i]), int(self._ulengths[i]))
+        """Every entry (of the index as it is when iteration starts)."""
+        with self._mutex:
+            self._merge_recent()
+            arrays = (self._keys, self._ids, self._types, self._packs, self._offsets,
+                      self._lengths, self._ulengths)
+            pack_ids = list(self._pack_ids)
+        keys, ids, types, packs, offsets, lengths, ulengths = arrays
+        for i in range(len(keys)):
+            yield IndexedBlob(ids[i].tobytes(), _CODE_TYPE[int(types[i])],
+                              pack_ids[int(packs[i])], int(offsets[i]), int(lengths[i]),
+                              int(ulengths[i]))
 
     def memory_bytes(self) -> int:
         """Approximate memory held (arrays, pack IDs, recent entries)."""
-        arrays = sum(a.nbytes for a in (self._keys, self._ids, self._types, self._packs,
-                                        self._offsets, self._lengths, self._ulengths))
-        packs = len(self._pack_ids) * (ID_BYTES + 33 + 8 + 100)
-        recent = len(self._recent) * 250
-        return arrays + packs + recent
+        with self._mutex:
+            arrays = sum(a.nbytes for a in (self._keys, self._ids, self._types, self._packs,
+                                            self._offsets, self._lengths, self._ulengths))
+            packs = len(self._pack_ids) * (ID_BYTES + 33 + 8 + 100)
+            recent = len(self._recent) * 250
+            return arrays + packs + recent
