@@ -34,7 +34,7 @@ from blockera.era.xml_parse import parse_era_xml_bytes
 from blockera.pdata.checksum import (ARRAY_BLOCK, BITMAP_BLOCK, BTREE_NODE, INDEX_BLOCK,
                                      block_checksum)
 from blockera.era.superblock import SUPERBLOCK
-from blockera.pdata.btree import Node
+from blockera.pdata.btree_node import Node
 from tests.conftest import have_era_tools
 from tests.era.model import Desc
 

@@ -9,15 +9,14 @@ import numpy as np
 from blockera.blockdev import MemoryDevice
 from blockera.pdata.block_manager import BlockManager
 from blockera.pdata.checksum import BTREE_NODE, Validator
-from blockera.pdata.space_map import MetadataSpaceMap
+from blockera.pdata.space_map import MetadataSpaceMap, format_metadata
 from blockera.pdata.transaction import TransactionManager
 
 TEST_SUPERBLOCK = Validator("test superblock", 0x1234)
 
 
 def fresh_tm(nr_blocks: int = 4096) -> tuple[TransactionManager, MetadataSpaceMap]:
-    tm = TransactionManager(BlockManager(MemoryDevice(nr_blocks * 4096)))
-    sm = MetadataSpaceMap.create(tm, nr_blocks)
+    tm, sm = format_metadata(BlockManager(MemoryDevice(nr_blocks * 4096)))
     return tm, sm
 
 

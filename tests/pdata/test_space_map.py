@@ -5,7 +5,7 @@ from blockera.blockdev import MemoryDevice
 from blockera.errors import NoSpaceError
 from blockera.pdata.block_manager import BlockManager
 from blockera.pdata.space_map import (ENTRIES_PER_BITMAP, MetadataSpaceMap, decode_bitmap,
-                                      encode_bitmap)
+                                      encode_bitmap, format_metadata, open_metadata)
 from blockera.pdata.transaction import TransactionManager
 
 
@@ -31,8 +31,7 @@ def test_bitmap_round_trip_clips_at_three() -> None:
 
 
 def _fresh(nr_blocks: int) -> tuple[TransactionManager, MetadataSpaceMap]:
-    tm = TransactionManager(BlockManager(MemoryDevice(nr_blocks * 4096)))
-    return tm, MetadataSpaceMap.create(tm, nr_blocks)
+    return format_metadata(BlockManager(MemoryDevice(nr_blocks * 4096)))
 
 
 def test_bootstrap_layout_is_the_kernels() -> None:
@@ -50,13 +49,13 @@ def test_counts_above_two_use_the_overflow_tree_and_survive_reopen() -> None:
         sm.inc(b)
     tm.pre_commit()
     assert sm.get_count(b) == 6
-    reopened = MetadataSpaceMap.open(TransactionManager(tm.bm), sm.root())
+    _, reopened = open_metadata(tm.bm, sm.root())
     assert reopened.get_count(b) == 6
     for _ in range(4):
         sm.dec(b)
     tm.pre_commit()
     assert sm.get_count(b) == 2
-    reopened = MetadataSpaceMap.open(TransactionManager(tm.bm), sm.root())
+    _, reopened = open_metadata(tm.bm, sm.root())
     assert reopened.get_count(b) == 2
     assert dict(reopened.ref_tree.walk(reopened.ref_count_root)) == {}
 

@@ -26,7 +26,7 @@ from blockera.pdata.array import ARRAY_HEADER_BYTES, array_block_header, array_m
 from blockera.pdata.bitset import words_for_bits
 from blockera.pdata.block_manager import BlockManager
 from blockera.pdata.reader import shrink_leftover
-from blockera.pdata.btree import INTERNAL_NODE, LEAF_NODE, MAX_DEPTH, NODE_HEADER_BYTES, Node
+from blockera.pdata.btree_node import INTERNAL_NODE, LEAF_NODE, MAX_DEPTH, NODE_HEADER_BYTES, Node
 from blockera.pdata.checksum import ARRAY_BLOCK, BITMAP_BLOCK, BTREE_NODE, INDEX_BLOCK
 from blockera.pdata.space_map import (ENTRIES_PER_BITMAP, MAX_METADATA_BLOCKS, SpaceMapRoot,
                                       decode_bitmap, nr_bitmaps)

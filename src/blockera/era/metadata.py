@@ -20,8 +20,7 @@ from blockera.pdata.array import Array
 from blockera.pdata.bitset import Bitset, words_for_bits
 from blockera.pdata.block_manager import BlockManager
 from blockera.pdata.btree import BTree, ValueType
-from blockera.pdata.space_map import MetadataSpaceMap
-from blockera.pdata.transaction import TransactionManager
+from blockera.pdata.space_map import format_metadata, open_metadata
 from blockera.era.superblock import (MAX_ORIGIN_BLOCKS, SUPERBLOCK, SUPERBLOCK_LOCATION,
                                      Superblock, Writeset)
 from blockera.units import METADATA_BLOCK_BYTES
@@ -75,7 +74,6 @@ class EraMetadata:
         self.bm = BlockManager(dev)
         if self.bm.nr_blocks == 0:
             raise MetadataError(f"metadata device {dev.name} is smaller than one 4 KiB block")
-        self.tm = TransactionManager(self.bm)
         self.writesets = [InCoreWriteset(), InCoreWriteset()]
         self.current_writeset = self.writesets[0]
         self.nr_blocks = 0
@@ -110,7 +108,7 @@ class EraMetadata:
             Bitset(self.tm).delete(Writeset.unpack(values, 12 * i).root)
 
     def _format(self) -> None:
-        self.sm = MetadataSpaceMap.create(self.tm, self.bm.nr_blocks, SUPERBLOCK_LOCATION)
+        self.tm, self.sm = format_metadata(self.bm, SUPERBLOCK_LOCATION)
         self._setup_infos()
         self.writeset_tree_root = self.writeset_tree.empty()
         self.era_array_root = self.era_array.empty()
@@ -128,7 +126,7 @@ class EraMetadata:
                 f"changing the data block size (from {sb.data_block_size} to "
                 f"{self.block_size}) is not supported", errno_name="EINVAL")
         try:
-            self.sm = MetadataSpaceMap.open(self.tm, sb.space_map_root)
+            self.tm, self.sm = open_metadata(self.bm, sb.space_map_root)
         except MetadataError as exc:
             raise MetadataError(f"couldn't open metadata space map: {exc}") from None
         self._setup_infos()
@@ -183,7 +181,6 @@ class EraMetadata:
         self.tm.abort()
         self.bitset_info.forget()
         self.bm.forget_cache()
-        self.tm = TransactionManager(self.bm)
         keep = [ws.words for ws in self.writesets]
         current = self.writesets.index(self.current_writeset)
         self._open()

@@ -24,7 +24,7 @@ from blockera.errors import NoSpaceError
 from blockera.era.superblock import SUPERBLOCK, Superblock, Writeset
 from blockera.era.xml_parse import EraDescription
 from blockera.pdata.array import ARRAY_HEADER_BYTES, array_max_entries
-from blockera.pdata.btree import INTERNAL_NODE, LEAF_NODE, NODE_HEADER_BYTES, calc_max_entries
+from blockera.pdata.btree_node import INTERNAL_NODE, LEAF_NODE, NODE_HEADER_BYTES, calc_max_entries
 from blockera.pdata.checksum import (ARRAY_CSUM_XOR, BITMAP_BLOCK, BTREE_NODE, INDEX_BLOCK,
                                      Validator)
 from blockera.progress import progress

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from blockera.era.superblock import MAX_ORIGIN_BLOCKS
 from blockera.pdata.array import array_max_entries
-from blockera.pdata.btree import calc_max_entries
+from blockera.pdata.btree_node import calc_max_entries
 from blockera.pdata.space_map import MAX_METADATA_BLOCKS, nr_bitmaps
 from blockera.units import METADATA_BLOCK_BYTES, METADATA_BLOCK_SECTORS, SECTOR_BYTES, div_up
 

@@ -16,7 +16,7 @@ import numpy as np
 from blockera.errors import MetadataError
 from blockera.pdata.array import ARRAY_HEADER_BYTES, array_max_entries
 from blockera.pdata.block_manager import BlockManager
-from blockera.pdata.btree import INTERNAL_NODE, LEAF_NODE, MAX_DEPTH, NODE_HEADER_BYTES, Node
+from blockera.pdata.btree_node import INTERNAL_NODE, LEAF_NODE, MAX_DEPTH, NODE_HEADER_BYTES, Node
 from blockera.pdata.checksum import ARRAY_CSUM_XOR, BTREE_NODE
 
 

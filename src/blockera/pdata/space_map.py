@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from blockera.errors import MetadataError, NoSpaceError
+from blockera.pdata.block_manager import BlockManager
 from blockera.pdata.btree import BTree, ValueType
 from blockera.pdata.checksum import BITMAP_BLOCK, INDEX_BLOCK
 from blockera.pdata.transaction import TransactionManager
@@ -93,7 +94,6 @@ class MetadataSpaceMap:
 
     def __init__(self, tm: TransactionManager) -> None:
         self.tm = tm
-        tm.sm = self
         self.ref_tree = BTree(tm, ValueType(4))
         self.nr_blocks = 0
         self.counts = np.zeros(0, dtype=np.uint32)
@@ -112,11 +112,12 @@ class MetadataSpaceMap:
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def create(cls, tm: TransactionManager, nr_blocks: int, superblock: int = 0
-               ) -> "MetadataSpaceMap":
+    def _create(cls, tm: TransactionManager, nr_blocks: int, superblock: int
+                ) -> "MetadataSpaceMap":
         """Format a space map over `nr_blocks` (capped at 255 bitmaps), with the kernel's
         bootstrap layout: index, ref-count root and bitmaps follow the superblock."""
         sm = cls(tm)
+        tm.sm = sm
         nr_blocks = min(nr_blocks, MAX_METADATA_BLOCKS)
         sm.nr_blocks = nr_blocks
         sm.counts = np.zeros(nr_blocks, dtype=np.uint32)
@@ -136,9 +137,10 @@ class MetadataSpaceMap:
         return sm
 
     @classmethod
-    def open(cls, tm: TransactionManager, root: SpaceMapRoot) -> "MetadataSpaceMap":
+    def _open(cls, tm: TransactionManager, root: SpaceMapRoot) -> "MetadataSpaceMap":
         """Load a committed space map, validating the index, bitmaps and ref-count tree."""
         sm = cls(tm)
+        tm.sm = sm
         bm = tm.bm
         if root.nr_blocks > MAX_METADATA_BLOCKS or nr_bitmaps(root.nr_blocks) > MAX_BITMAPS:
             raise MetadataError(f"space map claims {root.nr_blocks} blocks, more than the "
@@ -323,3 +325,19 @@ class MetadataSpaceMap:
     def reference_counts(self) -> np.ndarray:
         """A copy of every block's count (for checks)."""
         return self.counts.copy()
+
+
+def format_metadata(bm: BlockManager, superblock: int = 0
+                    ) -> tuple[TransactionManager, MetadataSpaceMap]:
+    """A transaction manager and a new space map over the whole device (the kernel's
+    dm_tm_create_with_sm): the space map's blocks follow the superblock."""
+    tm = TransactionManager(bm)
+    return tm, MetadataSpaceMap._create(tm, bm.nr_blocks, superblock)
+
+
+def open_metadata(bm: BlockManager, root: SpaceMapRoot
+                  ) -> tuple[TransactionManager, MetadataSpaceMap]:
+    """A transaction manager and the committed space map `root` describes (the kernel's
+    dm_tm_open_with_sm)."""
+    tm = TransactionManager(bm)
+    return tm, MetadataSpaceMap._open(tm, root)

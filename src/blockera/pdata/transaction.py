@@ -4,26 +4,37 @@ Copy-on-write with reference counts: to change a block that the last commit can 
 copies it to a newly allocated block and drops a reference to the original; a block allocated or
 already shadowed in this transaction is changed in place. A commit writes every changed block,
 flushes, then writes the superblock and flushes again, so a crash leaves either the old or the
-new superblock, each pointing only at fully written blocks (specs/era-metadata.md §4).
+new superblock, each pointing only at fully written blocks (docs/persistent-data.md §2).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from blockera.pdata.block_manager import BlockManager
 from blockera.pdata.checksum import Validator
 
-if TYPE_CHECKING:
-    from blockera.pdata.space_map import MetadataSpaceMap
+
+class SpaceMap(Protocol):
+    """What the transaction manager needs of its space map (the metadata space map, whose own
+    structures are in turn changed through this transaction manager)."""
+
+    def new_block(self) -> int: ...
+    def inc(self, b: int) -> None: ...
+    def dec(self, b: int) -> None: ...
+    def get_count(self, b: int) -> int: ...
+    def count_is_more_than_one(self, b: int) -> bool: ...
+    def commit(self) -> None: ...
 
 
 class TransactionManager:
-    """Shadowing and reference counting over a block manager and a metadata space map."""
+    """Shadowing and reference counting over a block manager and a metadata space map. The two
+    are made together (`blockera.pdata.space_map.format_metadata` / `open_metadata`): `sm` is
+    set right after construction, before any block is allocated."""
 
     def __init__(self, bm: BlockManager) -> None:
         self.bm = bm
-        self.sm: MetadataSpaceMap  # attached by the space map's create/open
+        self.sm: SpaceMap
         self._shadows: set[int] = set()
 
     # -- reads -----------------------------------------------------------------------------
