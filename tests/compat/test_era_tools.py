@@ -174,7 +174,7 @@ def _locations(image: Path) -> dict[str, int]:
     with FileDevice(image, writable=False) as dev:
         img = EraImage(dev)
         ws_era, ws_rec = img.writeset_records()[0]
-        from blockera.pdata.reader import read_array
+        from blockera.pdata.walkers import read_array
         bitset = read_array(img.bm, ws_rec.root, -(-ws_rec.nr_bits // 64), "<u8", "ws")
         era = read_array(img.bm, img.sb.era_array_root, img.nr_blocks, "<u4", "era")
         return {"superblock": 0, "writeset tree": img.sb.writeset_tree_root,

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from blockera.pdata.array import Array
 from blockera.pdata.bitset import Bitset
-from blockera.pdata.reader import read_array
+from blockera.pdata.walkers import read_array
 from tests.pdata.helpers import commit, fresh_tm, node_refs, space_map_refs
 
 

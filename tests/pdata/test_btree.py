@@ -7,7 +7,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from blockera.pdata.btree import BTree, ValueType
 from blockera.pdata.btree_node import Node
 from blockera.pdata.checksum import BTREE_NODE
-from blockera.pdata.reader import walk_btree
+from blockera.pdata.walkers import walk_btree
 from tests.pdata.helpers import commit, fresh_tm, node_refs, space_map_refs
 
 

@@ -18,7 +18,7 @@ from blockera.era.superblock import (SUPERBLOCK, SUPERBLOCK_LOCATION, Superblock
                                      structural_problems)
 from blockera.pdata.bitset import words_for_bits
 from blockera.pdata.block_manager import BlockManager
-from blockera.pdata.reader import read_array, walk_btree
+from blockera.pdata.walkers import read_array, walk_btree
 
 
 @dataclass

@@ -144,6 +144,19 @@ def init_node(buf: bytearray, flags: int, max_entries: int, value_size: int) -> 
     return Node(buf)
 
 
+def pack_node(location: int, flags: int, value_size: int,
+              entries: list[tuple[int, bytes]]) -> bytearray:
+    """A new node block (checksum not yet stamped) holding `entries` (key, packed value)."""
+    buf = bytearray(METADATA_BLOCK_BYTES)
+    node = init_node(buf, flags, calc_max_entries(value_size), value_size)
+    _U64.pack_into(buf, 8, location)
+    for i, (key, value) in enumerate(entries):
+        node.set_key(i, key)
+        node.set_value(i, value)
+    node.nr_entries = len(entries)
+    return buf
+
+
 def copy_entries(dest: Node, dest_offset: int, src: Node, src_offset: int, count: int) -> None:
     """Copy `count` entries (keys and values) from `src` to `dest`, which may be the same node
     with overlapping regions (a slice is read whole before it is written)."""

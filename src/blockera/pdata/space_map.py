@@ -54,9 +54,19 @@ class SpaceMapRoot:
 
 @dataclass
 class IndexEntry:
+    """One bitmap's entry in the space map's index block (16 bytes at 16 + 16 * i)."""
+
     blocknr: int
     nr_free: int
     none_free_before: int
+
+    @classmethod
+    def unpack_from(cls, index_block: bytes | bytearray, i: int) -> "IndexEntry":
+        return cls(*_INDEX_ENTRY.unpack_from(index_block, 16 + 16 * i))
+
+    def pack_into(self, index_block: bytearray, i: int) -> None:
+        _INDEX_ENTRY.pack_into(index_block, 16 + 16 * i, self.blocknr, self.nr_free,
+                               self.none_free_before)
 
 
 def nr_bitmaps(nr_blocks: int) -> int:
@@ -157,7 +167,7 @@ class MetadataSpaceMap:
         index_block = tm.read(root.bitmap_root, INDEX_BLOCK)
         counts = np.zeros(sm.nr_blocks, dtype=np.uint32)
         for i in range(nr_bitmaps(sm.nr_blocks)):
-            entry = IndexEntry(*_INDEX_ENTRY.unpack_from(index_block, 16 + 16 * i))
+            entry = IndexEntry.unpack_from(index_block, i)
             sm.index.append(entry)
             bm.check_location(entry.blocknr, f"space map bitmap {i}")
             bitmap = tm.read(entry.blocknr, BITMAP_BLOCK)
@@ -316,8 +326,7 @@ class MetadataSpaceMap:
                 buf[16:] = encode_bitmap(values)
             buf = bm.write_lock_zero(self.bitmap_root, INDEX_BLOCK)
             for i, entry in enumerate(self.index):
-                _INDEX_ENTRY.pack_into(buf, 16 + 16 * i, entry.blocknr, entry.nr_free,
-                                       entry.none_free_before)
+                entry.pack_into(buf, i)
         self._committed.clear()
         self.committed_nr_allocated = self.nr_allocated
         self.allocated_this_transaction = 0
