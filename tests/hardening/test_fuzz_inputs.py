@@ -29,7 +29,7 @@ from blockera.snapshot.build import write_store
 from blockera.snapshot.changed import changed_chunks, load_checked
 from blockera.snapshot.dump import dump_cow
 from blockera.snapshot.extract import plan_extract
-from blockera.snapshot.store import open_store
+from blockera.snapshot.store_open import open_store
 from tests.conftest import sparse_file
 from tests.hardening.fuzzing import ReadOnlyDevice, Tally, cases, mutate_bytes, rng_for
 from tests.nbd.rawclient import RawClient

@@ -98,7 +98,8 @@ from blockera.snapshot.layout import SNAP_MAGIC, SNAPSHOT_DISK_VERSION, Geometry
 from blockera.snapshot.persistent import PersistentStore
 from blockera.snapshot.reader import CowImage, ExceptionTable, read_cow, read_exception_table
 from blockera.snapshot.store import (ExceptionStore, MergeBatch, StoreInvalidError,
-                                     StoreWriteError, open_store, parse_store_type)
+                                     StoreWriteError, parse_store_type)
+from blockera.snapshot.store_open import open_store
 from blockera.snapshot.transient import TransientStore
 
 __all__ = [

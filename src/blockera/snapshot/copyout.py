@@ -1,6 +1,6 @@
 """The origin-write path: before a range of the origin is overwritten, every snapshot that
 still shares a chunk of it gets its own copy (the kernel's do_origin() / __origin_write() and
-origin_write_extent() in dm-snap.c, specs/snapshot-cow.md §2.6 and §4.4).
+origin_write_extent() in dm-snap.c; docs/snapshot.md §3 and §6).
 
 A snapshot takes part when it is active (resumed at least once), valid, not the merging
 snapshot, and the write starts inside its length. For each such snapshot, the chunks of the
@@ -17,31 +17,24 @@ whether anything needs copying, and if so copies and writes under the exclusive 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 from blockera.blockdev import BlockDevice
 from blockera.errors import DeviceError, NoSpaceError
-from blockera.snapshot.origins import OriginGroup
+from blockera.snapshot.origin_registry import OriginGroup, OriginSnapshot
 from blockera.snapshot.store import StoreWriteError
 from blockera.units import SECTOR_BYTES
-
-if TYPE_CHECKING:
-    from blockera.snapshot.snapshot_target import SnapshotTarget
 
 log = logging.getLogger(__name__)
 
 # Bound on the bytes one copy moves at a time (a run of consecutive chunks is split).
 COPY_PIECE_BYTES = 4 << 20
-# Copy-outs to several snapshots at once (their COW flushes overlap).
-_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="snapshot-copy-out")
 
 
-def _takes_copy_outs(snap: "SnapshotTarget", sector: int) -> bool:
+def _takes_copy_outs(snap: OriginSnapshot, sector: int) -> bool:
     return not snap.is_merge and snap.active and snap.valid and sector < snap.length_sectors
 
 
-def chunks_to_copy(snap: "SnapshotTarget", sector: int, nr_sectors: int) -> list[int]:
+def chunks_to_copy(snap: OriginSnapshot, sector: int, nr_sectors: int) -> list[int]:
     """Chunks of `snap` (in its chunk size) that the write of [sector, sector + nr_sectors)
     would change and that have no exception yet. As in the kernel, which splits origin writes
     at the smallest chunk size, a chunk counts when the part of the write inside it starts
@@ -93,10 +86,10 @@ def copy_out(group: OriginGroup, sector: int, nr_sectors: int) -> None:
     if len(work) == 1:
         copy_chunks(*work[0])
     elif work:
-        list(_POOL.map(lambda item: copy_chunks(*item), work))
+        list(group.copy_pool.map(lambda item: copy_chunks(*item), work))
 
 
-def copy_chunks(snap: "SnapshotTarget", chunks: list[int]) -> None:
+def copy_chunks(snap: OriginSnapshot, chunks: list[int]) -> None:
     """Allocate, copy and commit exceptions for `chunks` (ascending) of one snapshot."""
     store = snap.store
     assert store is not None
@@ -117,7 +110,7 @@ def copy_chunks(snap: "SnapshotTarget", chunks: list[int]) -> None:
         snap.invalidate("Error reading/writing.")
 
 
-def copy_runs(snap: "SnapshotTarget", pairs: list[tuple[int, int]]) -> None:
+def copy_runs(snap: OriginSnapshot, pairs: list[tuple[int, int]]) -> None:
     """Copy the origin chunks of `pairs` (old, new) to their COW chunks, run by run (a run is
     consecutive in both fields), in pieces of at most COPY_PIECE_BYTES. Sectors past the
     origin's end are not copied."""

@@ -14,7 +14,7 @@ from blockera.dm.devref import Opener
 from blockera.dm.target import Target
 from blockera.errors import DeviceError, TableError
 from blockera.snapshot.copyout import write_origin
-from blockera.snapshot.origins import registry_for
+from blockera.snapshot.origin_registry import registry_for
 from blockera.units import SECTOR_BYTES
 
 

@@ -28,8 +28,9 @@ from blockera.dm.devref import DeviceRef, Opener
 from blockera.dm.target import Target
 from blockera.errors import DeviceError, MetadataError, NoSpaceError, TableError, TargetError
 from blockera.snapshot.copyout import copy_runs
-from blockera.snapshot.origins import OriginGroup, Sharing, registry_for
-from blockera.snapshot.store import ExceptionStore, StoreWriteError, open_store
+from blockera.snapshot.origin_registry import OriginGroup, Sharing, registry_for
+from blockera.snapshot.store import ExceptionStore, StoreWriteError
+from blockera.snapshot.store_open import open_store
 from blockera.snapshot.table_args import StoreArgs, parse_features, parse_store_args
 from blockera.units import SECTOR_BYTES
 

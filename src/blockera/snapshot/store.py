@@ -1,5 +1,5 @@
-"""The exception-store interface the snapshot targets use, and `open_store()`
-(specs/snapshot-cow.md §2, §3, §4.1-§4.3).
+"""The exception-store interface the snapshot targets use (docs/snapshot.md §1-§6; opening
+one: `store_open`).
 
 Mirrors the kernel's `struct dm_exception_store_type` (dm-exception-store.h): read_metadata,
 prepare_exception, commit_exception, prepare_merge, commit_merge, drop_snapshot, usage and
@@ -194,26 +194,3 @@ class ExceptionStore(ABC):
     @abstractmethod
     def commit_merge(self, count: int) -> None:
         """Forget the last `count` exceptions after their data reached the origin."""
-
-
-def open_store(kind: str, cow: BlockDevice, chunk_sectors: int, *,
-               logical_block_bytes: int = SECTOR_BYTES) -> ExceptionStore:
-    """Open (or, for a persistent store whose header magic is 0, create) the exception store
-    on `cow`, as the snapshot constructor does. `kind` is the table's store word (`P`, `PO`,
-    `N`, any case); `chunk_sectors` is the table's chunk size (0: the default for a new P
-    store, the header's for an existing one); `logical_block_bytes` is the larger logical
-    block size of the COW and origin devices."""
-    from blockera.snapshot.header import check_table_chunk_size
-    from blockera.snapshot.persistent import PersistentStore
-    from blockera.snapshot.transient import TransientStore
-
-    persistent, options = parse_store_type(kind)
-    if chunk_sectors < 0:
-        raise TableError("Invalid chunk size")
-    if chunk_sectors:
-        check_table_chunk_size(chunk_sectors, logical_block_bytes)
-    if persistent:
-        overflow = persistent_overflow_option(options)
-        return PersistentStore.open(cow, chunk_sectors, overflow=overflow,
-                                    logical_block_bytes=logical_block_bytes)
-    return TransientStore(cow, chunk_sectors)

@@ -1,5 +1,5 @@
 """Which snapshots belong to which origin (the kernel's `_origins` hash in dm-snap.c,
-specs/snapshot-cow.md §4.4 and §4.7).
+docs/snapshot.md §6).
 
 Snapshots are paired with their origin by the identity of the origin device their table names
 (the real origin, LVM's `-real` device), so a `snapshot-origin` or `snapshot-merge` target
@@ -16,18 +16,45 @@ and one shared/exclusive lock that orders all I/O touching the group's exception
 
 `find_sharing()` is the kernel's `__find_snapshots_sharing_cow()`: the snapshots of the same
 origin that use the same COW device, which is how an exception-store handover is recognised.
+
+A registry also owns the thread pool that copies out to several snapshots of one origin at
+once. What the registry and the copy-out path need of a snapshot is `OriginSnapshot`.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Hashable, Iterator
+from typing import Hashable, Iterator, Protocol
 
-if TYPE_CHECKING:
-    from blockera.snapshot.snapshot_target import SnapshotTarget
+from blockera.dm.devref import DeviceRef
+from blockera.snapshot.store import ExceptionStore
+
+# Copy-outs to several snapshots at once (their COW flushes overlap).
+COPY_OUT_THREADS = 4
+
+
+class OriginSnapshot(Protocol):
+    """A snapshot as its origin sees it: what the registry and the copy-out path use."""
+
+    origin: DeviceRef
+    cow: DeviceRef
+    store: ExceptionStore | None
+    chunk_sectors: int
+    length_sectors: int
+    cow_identity: Hashable
+    is_merge: bool
+
+    @property
+    def active(self) -> bool: ...
+
+    @property
+    def valid(self) -> bool: ...
+
+    def invalidate(self, reason: str) -> None: ...
 
 
 class SharedExclusiveLock:
@@ -73,15 +100,17 @@ class SharedExclusiveLock:
 
 @dataclass(eq=False)
 class OriginGroup:
-    """One origin device: its snapshots and the lock ordering I/O on them. It lives as long as
-    a snapshot or an origin target refers to it (`users`)."""
+    """One origin device: its snapshots, the lock ordering I/O on them, and the registry's
+    copy-out threads. It lives as long as a snapshot or an origin target refers to it
+    (`users`)."""
 
     identity: Hashable
-    snapshots: list["SnapshotTarget"] = field(default_factory=list)
+    copy_pool: ThreadPoolExecutor
+    snapshots: list[OriginSnapshot] = field(default_factory=list)
     io: SharedExclusiveLock = field(default_factory=SharedExclusiveLock)
     users: int = 0
 
-    def insert(self, snap: "SnapshotTarget") -> None:
+    def insert(self, snap: OriginSnapshot) -> None:
         """Keep the list sorted by chunk size, largest first (the kernel's __insert_snapshot:
         a snapshot goes after those with a chunk size at least as large)."""
         at = next((i for i, other in enumerate(self.snapshots)
@@ -96,9 +125,9 @@ class Sharing:
     merging snapshot if there is one."""
 
     count: int = 0
-    source: "SnapshotTarget | None" = None
-    destination: "SnapshotTarget | None" = None
-    merging: "SnapshotTarget | None" = None
+    source: "OriginSnapshot | None" = None
+    destination: "OriginSnapshot | None" = None
+    merging: "OriginSnapshot | None" = None
 
 
 class SnapshotRegistry:
@@ -107,13 +136,16 @@ class SnapshotRegistry:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self._groups: dict[Hashable, OriginGroup] = {}
+        self.copy_pool = ThreadPoolExecutor(max_workers=COPY_OUT_THREADS,
+                                            thread_name_prefix="snapshot-copy-out")
 
     def acquire(self, origin_identity: Hashable) -> OriginGroup:
         """The group of an origin device, created on first use; pair with `release()`."""
         with self.lock:
             group = self._groups.get(origin_identity)
             if group is None:
-                group = self._groups[origin_identity] = OriginGroup(origin_identity)
+                group = self._groups[origin_identity] = OriginGroup(origin_identity,
+                                                                    self.copy_pool)
             group.users += 1
             return group
 
@@ -123,22 +155,22 @@ class SnapshotRegistry:
             if not group.users and self._groups.get(group.identity) is group:
                 del self._groups[group.identity]
 
-    def add(self, group: OriginGroup, snap: "SnapshotTarget") -> None:
+    def add(self, group: OriginGroup, snap: OriginSnapshot) -> None:
         with self.lock:
             group.insert(snap)
 
-    def reinsert(self, group: OriginGroup, snap: "SnapshotTarget") -> None:
+    def reinsert(self, group: OriginGroup, snap: OriginSnapshot) -> None:
         """Move a snapshot to its place for the chunk size now in force."""
         with self.lock:
             group.snapshots.remove(snap)
             group.insert(snap)
 
-    def remove(self, group: OriginGroup, snap: "SnapshotTarget") -> None:
+    def remove(self, group: OriginGroup, snap: OriginSnapshot) -> None:
         with self.lock:
             if snap in group.snapshots:
                 group.snapshots.remove(snap)
 
-    def find_sharing(self, group: OriginGroup, snap: "SnapshotTarget") -> Sharing:
+    def find_sharing(self, group: OriginGroup, snap: OriginSnapshot) -> Sharing:
         result = Sharing()
         with self.lock:
             for other in group.snapshots:
