@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from blockera.blockdev import FileDevice, MemoryDevice, WriteLogDevice
+from blockera.blockdev import FileDevice, MemoryDevice
 from blockera.engine.userspace import Engine
 from blockera.era.dump import dump_xml
 from blockera.era.reader import EraImage
 from blockera.era.superblock import Superblock
+from tests.write_log import WriteLogDevice
 from tests.conftest import EraTools, sparse_file
 
 pytestmark = pytest.mark.compat

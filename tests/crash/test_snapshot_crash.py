@@ -28,9 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from blockera.blockdev import LogRecord, MemoryDevice, WriteLogDevice
+from blockera.blockdev import MemoryDevice
 from blockera.engine.userspace import Engine
 from blockera.snapshot.reader import read_cow
+
+from tests.write_log import LogRecord, WriteLogDevice
 
 SECTOR = 512
 ORIGIN_SECTORS = 1024                       # 512 KiB: 256 chunks of 4 sectors

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blockera.blockdev import FileDevice, WriteLogDevice
+from blockera.blockdev import FileDevice
 from blockera.engine.userspace import Engine
 from blockera.errors import NoSpaceError, TableError, TargetError
 from blockera.era.check import check_era_metadata
 from blockera.era.reader import EraImage
 from blockera.era.superblock import Superblock
+from tests.write_log import WriteLogDevice
 from tests.conftest import sparse_file
 
 BLOCK = 64 << 10     # 128 sectors

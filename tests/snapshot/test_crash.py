@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from blockera.blockdev import LogRecord, MemoryDevice, WriteLogDevice, replay
+from blockera.blockdev import MemoryDevice
 from blockera.snapshot import Geometry, open_store
 from blockera.snapshot.store import ExceptionStore
+
+from tests.write_log import LogRecord, WriteLogDevice, replay
 
 from .helpers import add_exceptions, chunk_tags, payload
 

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from blockera.blockdev import MemoryDevice, WriteLogDevice
+from blockera.blockdev import MemoryDevice
 from blockera.errors import DeviceError, NoSpaceError, TargetError
 from blockera.snapshot import (Geometry, MergeBatch, StoreInvalidError, StoreWriteError,
                                open_store, read_cow, write_store)
+
+from tests.write_log import WriteLogDevice
 from .helpers import add_exceptions, payload, read_all, spec_parse
 
 

@@ -13,7 +13,7 @@ from typing import BinaryIO
 import numpy as np
 
 from blockera.era.reader import EraImage
-from blockera.era.xml_render import Choice, Num, render_lines
+from blockera.row_render import Choice, Num, render_lines
 from blockera.progress import progress
 
 

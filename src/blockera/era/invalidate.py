@@ -18,7 +18,7 @@ from typing import BinaryIO
 import numpy as np
 
 from blockera.era.reader import EraImage, mask_to_ranges
-from blockera.era.xml_render import Choice, Num, render_lines
+from blockera.row_render import Choice, Num, render_lines
 
 
 @dataclass

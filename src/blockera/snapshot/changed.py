@@ -23,7 +23,7 @@ from typing import BinaryIO
 import numpy as np
 
 from blockera.blockdev import BlockDevice
-from blockera.era.xml_render import Num, render_lines
+from blockera.row_render import Num, render_lines
 from blockera.errors import MetadataError
 from blockera.snapshot.anomalies import AnomalyReport, find_anomalies
 from blockera.snapshot.reader import CowImage, read_cow

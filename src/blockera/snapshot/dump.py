@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from blockera.blockdev import BlockDevice
-from blockera.era.xml_render import Num, render_lines
+from blockera.row_render import Num, render_lines
 from blockera.snapshot.anomalies import AnomalyReport, find_anomalies
 from blockera.snapshot.layout import SNAP_MAGIC
 from blockera.snapshot.reader import CowImage, read_cow

@@ -1,4 +1,5 @@
-"""Vectorised rendering of the line-per-element XML the era tools print.
+"""Vectorised rendering of text made of many similar rows: the line-per-element XML the era
+tools print, the range lists of the COW tools.
 
 A dump of a 16 TiB device has tens of millions of `<bit .../>` and `<era .../>` lines; formatting
 them one Python string at a time is what makes such tools slow. Here each batch of lines is laid
