@@ -13,15 +13,6 @@ METADATA_BLOCK_BYTES = 4096
 METADATA_BLOCK_SECTORS = METADATA_BLOCK_BYTES // SECTOR_BYTES
 
 
-def sectors_to_bytes(sectors: int) -> int:
-    return sectors * SECTOR_BYTES
-
-
-def bytes_to_sectors(nbytes: int) -> int:
-    """Whole sectors in `nbytes` (a trailing partial sector is dropped)."""
-    return nbytes // SECTOR_BYTES
-
-
 def div_up(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 

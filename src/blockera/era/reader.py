@@ -35,9 +35,6 @@ class WritesetBits:
         raw = np.unpackbits(self.words.view(np.uint8), bitorder="little")
         return raw[: self.nr_bits].astype(bool)
 
-    def set_bits(self) -> np.ndarray:
-        return np.flatnonzero(self.bools())
-
 
 def _mask_tail(words: np.ndarray, nr_bits: int) -> np.ndarray:
     tail = nr_bits % 64

@@ -147,6 +147,3 @@ class Array:
     def delete(self, root: int) -> None:
         self.btree.delete(root)
 
-    def block_locations(self, root: int) -> list[tuple[int, int]]:
-        """(array-block index, location) for every array block, in index order."""
-        return [(k, _U64.unpack(v)[0]) for k, v in self.btree.walk(root)]

@@ -67,9 +67,6 @@ class Bitset:
         self._dirty = True
         return root
 
-    def test_bit(self, root: int, bit: int) -> tuple[int, bool]:
-        root = self._load(root, bit)
-        return root, bool(self._bits >> (bit % BITS_PER_WORD) & 1)
 
     def forget(self) -> None:
         """Drop the cached word without writing it (after an aborted transaction)."""

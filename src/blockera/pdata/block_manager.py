@@ -89,8 +89,6 @@ class BlockManager:
         return out
 
     # -- writing -------------------------------------------------------------------------
-    def is_dirty(self, location: int) -> bool:
-        return location in self._dirty
 
     def write_lock(self, location: int, validator: Validator) -> bytearray:
         """A mutable buffer holding the block's current (validated) contents; it is written at
@@ -112,8 +110,6 @@ class BlockManager:
         self._dirty[location] = (buf, validator)
         return buf
 
-    def dirty_locations(self) -> list[int]:
-        return sorted(self._dirty)
 
     def flush(self) -> None:
         """Write every dirty block (ascending), then flush the device."""

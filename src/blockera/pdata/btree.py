@@ -134,24 +134,16 @@ class BTree:
                 root = _U64.unpack(value)[0]
         return value
 
-    def _find_key(self, root: int, highest: bool) -> int | None:
+    def find_lowest_key(self, root: int) -> int | None:
         location = root
         for _ in range(MAX_DEPTH):
             node = self._read(location)
-            n = node.nr_entries
-            if n == 0:
+            if node.nr_entries == 0:
                 return None
-            i = n - 1 if highest else 0
             if node.is_leaf:
-                return node.key(i)
-            location = node.child(i)
+                return node.key(0)
+            location = node.child(0)
         raise MetadataError("btree deeper than 64 levels (cycle?)", block=root)
-
-    def find_lowest_key(self, root: int) -> int | None:
-        return self._find_key(root, False)
-
-    def find_highest_key(self, root: int) -> int | None:
-        return self._find_key(root, True)
 
     def walk(self, root: int) -> Iterator[tuple[int, bytes]]:
         """Every (key, value) of a single-level tree in key order."""

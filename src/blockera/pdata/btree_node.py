@@ -109,8 +109,6 @@ class Node:
         """Index of the greatest key <= `key`, or -1."""
         return self.bsearch(key, False)
 
-    def upper_bound(self, key: int) -> int:
-        return self.bsearch(key, True)
 
     # entry moves (same value size on both sides)
     def insert_at(self, index: int, key: int, value: bytes) -> None:

@@ -30,7 +30,6 @@ from blockera.pdata.transaction import TransactionManager
 ENTRIES_PER_BITMAP = 16320  # (4096 - 16) * 4
 MAX_BITMAPS = 255
 MAX_METADATA_BLOCKS = MAX_BITMAPS * ENTRIES_PER_BITMAP
-SM_ROOT_BYTES = 32
 
 _ROOT = struct.Struct("<QQQQ")
 _INDEX_ENTRY = struct.Struct("<QII")
@@ -216,8 +215,6 @@ class MetadataSpaceMap:
     def used(self) -> int:
         return self.nr_blocks - self.nr_free()
 
-    def committed_count(self, b: int) -> int:
-        return self._committed.get(b, int(self.counts[b]))
 
     def _check(self, b: int) -> None:
         if not 0 <= b < self.nr_blocks:
@@ -330,10 +327,6 @@ class MetadataSpaceMap:
         self._committed.clear()
         self.committed_nr_allocated = self.nr_allocated
         self.allocated_this_transaction = 0
-
-    def reference_counts(self) -> np.ndarray:
-        """A copy of every block's count (for checks)."""
-        return self.counts.copy()
 
 
 def format_metadata(bm: BlockManager, superblock: int = 0

@@ -92,8 +92,6 @@ class ExceptionStore(ABC):
     def chunk_bytes(self) -> int:
         return self.chunk_sectors * SECTOR_BYTES
 
-    def chunk_of_sector(self, sector: int) -> int:
-        return sector // self.chunk_sectors
 
     def cow_offset_bytes(self, new_chunk: int) -> int:
         """Byte offset of COW chunk `new_chunk` (where an exception's data lives)."""
