@@ -73,3 +73,15 @@ def is_unsupported(exc: BaseException) -> bool:
     if name is None and isinstance(exc, OSError) and exc.errno is not None:
         name = _errno.errorcode.get(exc.errno)
     return name in ("EOPNOTSUPP", "ENOTSUP")
+
+
+MAX_MESSAGE_BYTES = 1024
+
+
+def message_bytes(text: str) -> bytes:
+    """A human-readable message for an option reply or an error chunk: UTF-8, cut at a
+    character boundary to at most MAX_MESSAGE_BYTES."""
+    data = text.encode("utf-8", "replace")
+    if len(data) > MAX_MESSAGE_BYTES:
+        data = data[:MAX_MESSAGE_BYTES].decode("utf-8", "ignore").encode()
+    return data

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from blockera.errors import BlockeraError
 from blockera.nbd import protocol as p
-from blockera.nbd.errors import ClientProtocolError, UnknownExportError
+from blockera.nbd.errors import ClientProtocolError, UnknownExportError, message_bytes
 from blockera.nbd.exports import ExportResolver, Release, ResolvedExport
 from blockera.nbd.limits import BlockLimits
 from blockera.nbd.wire import SocketReader, send_buffers
@@ -31,7 +31,6 @@ from blockera.nbd.wire import SocketReader, send_buffers
 log = logging.getLogger(__name__)
 
 MAX_OPTION_DATA_BYTES = 64 << 10
-_MAX_ERROR_MESSAGE_BYTES = 1024
 _ZEROES = bytes(p.EXPORT_NAME_ZEROES_BYTES)
 
 
@@ -66,13 +65,6 @@ def transmission_flags(export: ResolvedExport, structured_replies: bool) -> int:
     return flags
 
 
-def _message(text: str) -> bytes:
-    data = text.encode("utf-8", "replace")
-    if len(data) > _MAX_ERROR_MESSAGE_BYTES:
-        data = data[:_MAX_ERROR_MESSAGE_BYTES].decode("utf-8", "ignore").encode()
-    return data
-
-
 class Handshake:
     """One connection's handshake. `run()` returns the negotiated export, or None when the
     client aborted or asked for an export that does not exist with NBD_OPT_EXPORT_NAME (which
@@ -99,7 +91,7 @@ class Handshake:
 
     def _error(self, option: int, reply_type: int, text: str) -> None:
         log.debug("%s: option %d refused (%#x): %s", self._peer, option, reply_type, text)
-        self._reply(option, reply_type, _message(text))
+        self._reply(option, reply_type, message_bytes(text))
 
     # -- receiving ---------------------------------------------------------------------------
     def _arm_timeout(self) -> None:
@@ -238,7 +230,7 @@ class Handshake:
         if p.INFO_NAME in requests:
             infos.append(p.INFO_TYPE.pack(p.INFO_NAME) + export.name.encode())
         if p.INFO_DESCRIPTION in requests and export.description:
-            infos.append(p.INFO_TYPE.pack(p.INFO_DESCRIPTION) + _message(export.description))
+            infos.append(p.INFO_TYPE.pack(p.INFO_DESCRIPTION) + message_bytes(export.description))
         # Always sent: the minimum block size is stricter than the protocol's default of 1.
         lim = self._limits
         infos.append(p.INFO_BLOCK_SIZE_PAYLOAD.pack(
@@ -261,7 +253,7 @@ class Handshake:
         for name, description in listing:
             encoded = name.encode("utf-8")
             self._reply(p.OPT_LIST, p.REP_SERVER, struct.pack(">I", len(encoded)) + encoded +
-                        _message(description))
+                        message_bytes(description))
         self._reply(p.OPT_LIST, p.REP_ACK)
 
 

@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from blockera.errors import UsageError
 from blockera.nbd.connection import Connection
@@ -236,20 +237,7 @@ class NbdServer:
         self.shutdown()
 
 
-def serve(exports: ExportSource, *,
-          unix_path: str | os.PathLike[str] | None = None,
-          tcp: tuple[str | None, int] | None = None,
-          allow_remote: bool = False,
-          read_only: bool = False,
-          default_export: str | None = None,
-          limits: BlockLimits | None = None,
-          workers_per_connection: int = DEFAULT_WORKERS_PER_CONNECTION,
-          max_connections: int = DEFAULT_MAX_CONNECTIONS,
-          handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
-          unix_mode: int = 0o600) -> NbdServer:
-    """Start an NBD server (see `NbdServer`) and return it running."""
-    return NbdServer(exports, unix_path=unix_path, tcp=tcp, allow_remote=allow_remote,
-                     read_only=read_only, default_export=default_export, limits=limits,
-                     workers_per_connection=workers_per_connection,
-                     max_connections=max_connections,
-                     handshake_timeout_s=handshake_timeout_s, unix_mode=unix_mode).start()
+def serve(exports: ExportSource, **options: Any) -> NbdServer:
+    """Start an NBD server over `exports` with `NbdServer`'s keyword options and return it
+    running."""
+    return NbdServer(exports, **options).start()

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from blockera.errors import BlockeraError, DeviceError
 from blockera.nbd import protocol as p
 from blockera.nbd.errors import ClientDisconnected, ClientProtocolError, is_unsupported, \
-    nbd_error_for
+    message_bytes, nbd_error_for
 from blockera.nbd.handshake import Negotiated
 from blockera.nbd.limits import BlockLimits
 from blockera.nbd.wire import SocketReader, send_buffers
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 _KEEP_BUFFER_BYTES = 4 << 20
 _CORK_BUFFERS = 128
 _CORK_BYTES = 256 << 10
-_MAX_ERROR_MESSAGE_BYTES = 1024
 _DATA_CHUNK = struct.Struct(">IHHQIQ")  # structured reply header + OFFSET_DATA offset
 _OK = object()  # marks a request whose validation passed
 
@@ -69,13 +68,6 @@ class _Request:
         self.length = length
         self.payload = payload
         self.error = error
-
-
-def _message(text: str) -> bytes:
-    data = text.encode("utf-8", "replace")
-    if len(data) > _MAX_ERROR_MESSAGE_BYTES:
-        data = data[:_MAX_ERROR_MESSAGE_BYTES].decode("utf-8", "ignore").encode()
-    return data
 
 
 class Transmission:
@@ -318,7 +310,7 @@ class Transmission:
 
     def _reply_error(self, cookie: int, code: int, text: str) -> None:
         if self._structured:
-            msg = _message(text)
+            msg = message_bytes(text)
             self._send([p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
                                                 p.REPLY_TYPE_ERROR, cookie, 6 + len(msg)) +
                         p.ERROR_PREFIX.pack(code, len(msg)) + msg])
