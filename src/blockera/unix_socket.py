@@ -5,6 +5,8 @@ permission bits (0600 by default: only its owner may connect) and only then put 
 listening state, so no other user can connect in between, whatever the umask. A socket file left
 by a crashed server is replaced; a live one, or anything that is not a socket, is not. On
 shutdown only the socket this process created (same device and inode) is removed.
+
+See docs/engine.md §3; docs/nbd.md §1.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 from blockera.blockdev import FileDevice, MemoryDevice
 from blockera.engine.userspace import Engine
 from blockera.era.dump import dump_xml
-from blockera.era.reader import EraImage
+from blockera.era.image import EraImage
 from blockera.era.superblock import Superblock
 from tests.write_log import WriteLogDevice
 from tests.conftest import EraTools, sparse_file

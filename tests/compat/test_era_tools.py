@@ -17,7 +17,7 @@ from blockera.era.check import check_era_metadata
 from blockera.era.dump import dump_xml
 from blockera.era.invalidate import write_xml, written_since
 from blockera.era.metadata import EraMetadata
-from blockera.era.reader import EraImage
+from blockera.era.image import EraImage
 from blockera.era.restore import write_image
 from blockera.era.xml_parse import parse_era_xml
 from tests.conftest import EraTools, sparse_file

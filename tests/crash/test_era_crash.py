@@ -23,7 +23,7 @@ from blockera.blockdev import FileDevice, MemoryDevice
 from blockera.engine.userspace import Engine
 from blockera.era.check import check_era_metadata
 from blockera.era.metadata import EraMetadata
-from blockera.era.reader import EraImage
+from blockera.era.image import EraImage
 from blockera.era.superblock import Superblock
 from tests.write_log import LogRecord, WriteLogDevice
 from tests.conftest import have_era_tools, sparse_file

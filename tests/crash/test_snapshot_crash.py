@@ -30,7 +30,7 @@ import pytest
 
 from blockera.blockdev import MemoryDevice
 from blockera.engine.userspace import Engine
-from blockera.snapshot.reader import read_cow
+from blockera.snapshot.cow_image import read_cow
 
 from tests.write_log import LogRecord, WriteLogDevice
 

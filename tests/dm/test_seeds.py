@@ -94,7 +94,7 @@ def test_daemon_shutdown_commits_metadata(tmp_path: Path) -> None:
     finally:
         assert d.stop() == 0
     assert not (tmp_path / "engine.sock").exists()
-    from blockera.era.reader import EraImage
+    from blockera.era.image import EraImage
 
     image = EraImage(FileDevice(meta, writable=False))
     assert image.current_writeset() is None, "shutdown archives the current writeset"

@@ -10,8 +10,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from blockera.blockdev import MemoryDevice
 from blockera.errors import NoSpaceError, TargetError
 from blockera.era.check import check_era_metadata
-from blockera.era.metadata import Digest, EraMetadata
-from blockera.era.reader import EraImage
+from blockera.era.metadata import DigestProgress, EraMetadata
+from blockera.era.image import EraImage
 
 
 def _create(dev, nr_blocks: int, block_size: int = 128) -> EraMetadata:
@@ -34,7 +34,7 @@ def _write(md: EraMetadata, *blocks: int) -> None:
 
 
 def test_status_used_counts_follow_the_kernel_trace() -> None:
-    # specs/era-metadata.md §12 (8 MiB metadata, 512 x 64 KiB blocks), real kernel 6.1
+    # docs/era.md §3 (8 MiB metadata, 512 x 64 KiB blocks), real kernel 6.1
     md = _create(MemoryDevice(8 << 20), 512)
     trace = [(md.stats().used, md.stats().era)]
     _write(md, 3)
@@ -114,7 +114,7 @@ class EraMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dev = MemoryDevice(4 << 20)
-        self.digest = Digest()
+        self.digest = DigestProgress()
 
     @initialize(nr_blocks=st.integers(1, 3000))
     def create(self, nr_blocks: int) -> None:
@@ -176,7 +176,7 @@ class EraMachine(RuleBasedStateMachine):
         self.md.commit()
         self.md.era_rollover()
         self.md.commit()
-        self.digest = Digest()
+        self.digest = DigestProgress()
         self.shrunk |= new_size < self.nr_blocks
         grown = np.zeros(new_size, dtype=np.int64)
         keep = min(new_size, self.nr_blocks)
@@ -194,7 +194,7 @@ class EraMachine(RuleBasedStateMachine):
         self.md.commit()
         self.md.era_rollover()
         self.md.commit()
-        self.digest = Digest()
+        self.digest = DigestProgress()
 
     @invariant()
     def metadata_is_valid_and_matches_the_model(self) -> None:

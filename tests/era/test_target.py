@@ -1,5 +1,5 @@
 """The era target in the userspace engine, against the kernel's recorded behaviour
-(specs/era-metadata.md §11-§12)."""
+(docs/era.md §3)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from blockera.blockdev import FileDevice
 from blockera.engine.userspace import Engine
 from blockera.errors import NoSpaceError, TableError, TargetError
 from blockera.era.check import check_era_metadata
-from blockera.era.reader import EraImage
+from blockera.era.image import EraImage
 from blockera.era.superblock import Superblock
 from tests.write_log import WriteLogDevice
 from tests.conftest import sparse_file

@@ -20,7 +20,7 @@ from blockera.errors import BlockeraError
 from blockera.era.check import check_era_metadata
 from blockera.era.dump import dump_xml
 from blockera.era.invalidate import written_since
-from blockera.era.reader import EraImage
+from blockera.era.image import EraImage
 from blockera.era.superblock import SUPERBLOCK, Superblock
 from blockera.era.restore import write_image
 from blockera.era.xml_parse import parse_era_xml_bytes

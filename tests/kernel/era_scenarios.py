@@ -1,7 +1,7 @@
 """The era conformance scenarios (run by test_era_conformance.py): block sizes 8, 24, 128 and
 4096, checkpoints with and without writes, a metadata snapshot held across writes, reload,
 remove/recreate, suspend/resume, resize, seed 000's stacking, constructor and message errors,
-many blocks, pending writesets; the kernel's own status trace of specs/era-metadata.md §12."""
+many blocks, pending writesets; the kernel's own status trace of docs/era.md §3."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ TRACE = [
 
 ERA_SCENARIOS: list[Scenario] = [
     Scenario("status-trace-128", {"meta": 8 * MiB, "origin": 32 * MiB}, TRACE,
-             handoff_after=11, notes="specs §12, one bio per block"),
+             handoff_after=11, notes="docs/era.md §3, one bio per block"),
     Scenario("block-size-8", {"meta": 4 * MiB, "origin": 16 * MiB}, [
         ("create", "era", _era(8, 32768)), ("status", "era"),
         ("write", "era", 4096, [0, 1, 2, 100, 4095], 7), ("status", "era"),
@@ -103,7 +103,7 @@ ERA_SCENARIOS: list[Scenario] = [
         ("load", "era", _era(128, 32768)), ("resume", "era"), ("status", "era"),
         ("message", "era", "take_metadata_snap"), ("invalidate", "meta", 0, True),
         ("message", "era", "drop_metadata_snap"), ("remove", "era"), ("check", "meta")],
-        notes="512 -> 513 -> 1024 -> 256 blocks (specs §11.11)"),
+        notes="512 -> 513 -> 1024 -> 256 blocks (docs/era.md §3.11)"),
     Scenario("shrink-to-array-block-multiple", {"meta": 4 * MiB, "origin": 16 * MiB}, [
         ("create", "era", _era(8, 1020 * 8)), ("write", "era", 4096, [1019], 27),
         ("load", "era", _era(8, 1018 * 8)), ("resume", "era"), ("status", "era"),

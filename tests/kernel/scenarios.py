@@ -231,7 +231,7 @@ class Runner:
         from blockera.era.check import check_era_metadata
         from blockera.era.dump import dump_xml
         from blockera.era.invalidate import written_since
-        from blockera.era.reader import EraImage
+        from blockera.era.image import EraImage
 
         with FileDevice(self.disks[disk], writable=False, direct=True) as dev:
             if op == "check":

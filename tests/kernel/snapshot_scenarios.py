@@ -99,7 +99,7 @@ SNAPSHOT_SCENARIOS: list[Scenario] = [
         ("create", "snap", f"0 {S} snapshot /dev/mapper/real {{cow}} PO 8"),
         ("resume", "base"), ("status", "snap"),                       # not persistent
         ("write", "base", K4, [30], 63), ("status", "snap"), ("cow", "cow")] + _TEARDOWN,
-        notes="specs §2.11: writes fail, reads work; reload shows usage again"),
+        notes="docs/persistent-data.md §1.11: writes fail, reads work; reload shows usage again"),
     Scenario("p-invalid-when-full", {"origin": 4 * MiB, "cow": 40 * 1024},
              _stack(8) + [
         ("write", "base", K4, [1, 2, 3, 4, 5, 6, 7, 8], 70),         # exactly fills it
@@ -122,7 +122,7 @@ SNAPSHOT_SCENARIOS: list[Scenario] = [
         ("write", "snap2", K4, [40], 91),
         ("sha", "snap"), ("sha", "snap2"), ("cow", "cow"), ("cow", "cow2"),
         ("remove", "snap2")] + _TEARDOWN,
-        notes="one origin write copies out to both (specs §4.4)"),
+        notes="one origin write copies out to both (docs/persistent-data.md §2.4)"),
     Scenario("snapshot-writes", {"origin": 4 * MiB, "cow": 4 * MiB}, _stack(8) + [
         ("write", "snap", K4, [10, 11], 100),                        # whole chunks
         ("write_at", "snap", 99 * 512, 512, 101),                    # a sector of chunk 12
@@ -135,7 +135,7 @@ SNAPSHOT_SCENARIOS: list[Scenario] = [
              _stack(8, features=" 1 discard_zeroes_cow") + [
         ("write", "snap", K4, [2], 110), ("discard", "snap", 0, 4 * K4),
         ("status", "snap"), ("sha", "snap"), ("sha", "base")] + _TEARDOWN,
-        notes="specs §4.5: the chunk with an exception reads zeros, the others the origin"),
+        notes="docs/persistent-data.md §2.5: the chunk with an exception reads zeros, the others the origin"),
     Scenario("reload-handover", {"origin": 4 * MiB, "cow": 4 * MiB}, _stack(8) + [
         ("write", "base", K4, [4], 120),
         ("suspend", "base"),
@@ -164,7 +164,7 @@ SNAPSHOT_SCENARIOS: list[Scenario] = [
         ("create", "base", f"0 {S} snapshot-merge /dev/mapper/real {{cow}} P 16"),
         ("wait_merge", "base"), ("sha", "base"), ("cow", "cow"),
         ("remove", "base"), ("remove", "real")],
-        notes="no handover: the merge target reads the store itself (specs §4.7)"),
+        notes="no handover: the merge target reads the store itself (docs/persistent-data.md §2.7)"),
     Scenario("seed-004-backup-stack", {"md2": 4 * MiB, "sdb6": 4 * MiB}, [
         ("create", "md2", "0 8192 linear {md2} 0"),
         ("create", "md2_dup", "0 8192 linear {md2} 0"),

@@ -184,7 +184,7 @@ def engine_export(sock_dir: Path) -> Iterator[tuple[Any, NbdServer]]:
     the server stops, then the engine shuts down (suspending every device), as the daemon
     does."""
     from blockera.engine.userspace import Engine
-    from blockera.nbd.engine_exports import EngineExports
+    from blockera.nbd.engine_devices import EngineExports
 
     engine = Engine()
     server = serve(EngineExports(engine), unix_path=sock_dir / "engine-nbd.sock")

@@ -15,7 +15,7 @@ import numpy as np
 from blockera.blockdev import FileDevice
 from blockera.engine.client import EngineClient
 from blockera.engine.userspace import Engine
-from blockera.era.reader import EraImage
+from blockera.era.image import EraImage
 
 MiB = 1 << 20
 

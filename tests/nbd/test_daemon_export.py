@@ -20,7 +20,7 @@ import pytest
 
 from blockera.blockdev import FileDevice
 from blockera.era.check import check_era_metadata
-from blockera.era.reader import EraImage
+from blockera.era.image import EraImage
 
 from .conftest import need, pattern, run, wait_until
 from .engineenv import MiB, image, nonzero_blocks

@@ -24,7 +24,7 @@ from blockera.blockdev import BlockDevice, FileDevice
 from blockera.engine.daemon import Daemon
 from blockera.engine.userspace import Engine
 from blockera.era.check import check_era_metadata
-from blockera.nbd.engine_service import EngineNbdService, NbdSettings
+from blockera.nbd.daemon_service import EngineNbdService, NbdSettings
 
 from .conftest import require_fuse_and_loop, pattern, run
 from .engineenv import MiB, image, nonzero_blocks

@@ -13,7 +13,7 @@ from tests.pdata.helpers import commit, fresh_tm, node_refs, space_map_refs
 @pytest.mark.parametrize("length, blocks", [(1024, [1018, 6]), (2731, [1018, 1018, 695]),
                                             (1018, [1018]), (0, [])])
 def test_array_block_fill_matches_kernel(length: int, blocks: list[int]) -> None:
-    # specs/era-metadata.md §7.2, verified on the kernel: 1024 -> 1018 + 6; 2731 -> 1018, 1018, 695
+    # docs/persistent-data.md §5verified on the kernel: 1024 -> 1018 + 6; 2731 -> 1018, 1018, 695
     tm, _ = fresh_tm()
     array = Array(tm, 4)
     root = array.resize(array.empty(), 0, length, bytes(4))
@@ -68,5 +68,5 @@ def test_bitset_cached_word_is_written_on_flush() -> None:
     root = bitset.flush(root)
     commit(tm)
     words = read_array(tm.bm, root, 8, "<u8", "bitset").values
-    # specs/era-metadata.md §8.1: bits {3, 200, 201} -> word 0 = 0x8, word 3 = 0x300
+    # docs/persistent-data.md §6: bits {3, 200, 201} -> word 0 = 0x8, word 3 = 0x300
     assert words[0] == 0x8 and words[3] == 0x300 and words.sum() == 0x308

@@ -23,7 +23,7 @@ def _leaf_sizes(tree: BTree, root: int) -> list[int]:
 
 
 def test_appending_keys_gives_the_kernels_leaf_shapes() -> None:
-    # specs/era-metadata.md §6.5, verified on kernel images: 516 -> [248, 126, 142], 258 -> [126, 132]
+    # docs/persistent-data.md §4verified on kernel images: 516 -> [248, 126, 142], 258 -> [126, 132]
     for n, expected in ((516, [248, 126, 142]), (258, [126, 132]), (252, [252])):
         tm, _ = fresh_tm()
         tree = BTree(tm, ValueType(8))

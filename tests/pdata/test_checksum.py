@@ -19,7 +19,7 @@ def test_crc32c_test_vector() -> None:
     (ARRAY_CSUM_XOR, 0x7B4E41DE),
 ])
 def test_checksum_of_zero_block_per_type(xor: int, expected: int) -> None:
-    # specs/era-metadata.md §2.2, last column
+    # docs/persistent-data.md §1last column
     assert block_checksum(bytes(4096), xor) == expected
 
 

@@ -10,7 +10,7 @@ from blockera.pdata.transaction import TransactionManager
 
 
 def test_bitmap_bit_order_matches_kernel_examples() -> None:
-    # specs/era-metadata.md §5.3: count 1 for entry 0 is byte 0x02; count 2 for entry 1 is 0x04;
+    # docs/persistent-data.md §3: count 1 for entry 0 is byte 0x02; count 2 for entry 1 is 0x04;
     # entries 0..10 at count 1 give the word 0x2AAAAA.
     one = np.zeros(ENTRIES_PER_BITMAP, dtype=np.uint32)
     one[0] = 1

@@ -1,5 +1,5 @@
 """Shared helpers for the snapshot store tests: an independent struct-based parser written from
-the spec (specs/snapshot-cow.md §2.1-§2.4), chunk payloads that identify their exception, and a
+the spec (docs/snapshot.md §1, §2), chunk payloads that identify their exception, and a
 runner for the `cow` command group."""
 
 from __future__ import annotations

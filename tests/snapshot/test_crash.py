@@ -1,4 +1,4 @@
-"""Crash safety of the persistent store (specs/snapshot-cow.md §2.6, §2.12).
+"""Crash safety of the persistent store (docs/snapshot.md §3, §6).
 
 A `WriteLogDevice` records every write and flush of randomized workloads (store creation,
 allocate / write data / commit in batches, some filling areas mid-batch; and merges). The COW

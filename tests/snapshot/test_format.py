@@ -1,4 +1,4 @@
-"""The persistent COW format against specs/snapshot-cow.md: byte layouts (the spec's real-kernel
+"""The persistent COW format against docs/snapshot.md: byte layouts (the spec's real-kernel
 hexdumps), area locations, the kernel's loading and stopping rules, header checks, capacity."""
 
 from __future__ import annotations

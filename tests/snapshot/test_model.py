@@ -2,7 +2,7 @@
 each snapshot, creating, reloading and removing snapshots (P, PO, N; chunk sizes 8-32;
 COWs small enough to fill), and merging a snapshot back keeps every device equal to a plain
 in-memory model, the status lines equal to what the model predicts from the layout rules of
-specs/snapshot-cow.md §2.1/§2.5/§4.3, and `cow changed` equal to the model's set of changed
+docs/snapshot.md §1/§2.5/§4.3, and `cow changed` equal to the model's set of changed
 chunks.
 
 The model knows nothing of the implementation: a snapshot is the origin's bytes when it was

@@ -1,5 +1,5 @@
 """The snapshot, snapshot-origin and snapshot-merge targets in the userspace engine: the
-kernel's constructor errors, table and status lines (specs/snapshot-cow.md §4, checked against
+kernel's constructor errors, table and status lines (docs/snapshot.md §6checked against
 Linux 6.1 in tests/kernel), copy-out, snapshot writes, overflow and invalidation, several
 snapshots of one origin, handover and merging."""
 

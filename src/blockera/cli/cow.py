@@ -3,6 +3,8 @@
 All commands only read the COW (with O_DIRECT on block devices, so a live COW is not seen
 through a stale page cache). Exit status: 0 success, 1 the COW is damaged or unusable (one-line
 message), 2 usage or I/O errors.
+
+See docs/snapshot.md §8.
 """
 
 from __future__ import annotations

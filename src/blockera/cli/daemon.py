@@ -1,6 +1,6 @@
 """`blockera daemon`: run the userspace device-mapper engine, with its devices exported over
 NBD (a unix socket beside the control socket by default; TCP on request, loopback only unless
-remote clients are allowed explicitly)."""
+remote clients are allowed explicitly). See docs/engine.md §2, §3."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import click
 from blockera.errors import BlockeraError, UsageError
 
 if TYPE_CHECKING:
-    from blockera.nbd.engine_service import NbdSettings
+    from blockera.nbd.daemon_service import NbdSettings
 
 # The engine, its targets (numpy) and the NBD server are imported when the daemon starts, not
 # for every `blockera` command.
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def _nbd_settings(control_socket: Path, nbd_socket: str | None, nbd_tcp: str | None,
                   allow_remote: bool, no_nbd: bool) -> "NbdSettings | None":
-    from blockera.nbd.engine_service import NbdSettings, default_nbd_socket_path
+    from blockera.nbd.daemon_service import NbdSettings, default_nbd_socket_path
     from blockera.nbd.listeners import parse_tcp_address
 
     if no_nbd:
@@ -96,7 +96,7 @@ def daemon(socket_path: str | None, state_dir: str | None, nbd_socket: str | Non
     from blockera.engine.daemon import Daemon, DaemonService
     from blockera.engine.userspace import Engine
     from blockera.engine.protocol import default_socket_path
-    from blockera.nbd.engine_service import EngineNbdService
+    from blockera.nbd.daemon_service import EngineNbdService
     from blockera.nbd.errors import RemoteBindRefusedError
 
     path = Path(socket_path) if socket_path else default_socket_path()

@@ -1,6 +1,6 @@
 """`blockera dd`: dd's operands, for copying to and from engine devices (`/dev/mapper/NAME`,
 reached through the engine daemon) as well as files and /dev/zero or /dev/urandom, so scripts
-written for the kernel run with `dd` replaced by `blockera dd`."""
+written for the kernel run with `dd` replaced by `blockera dd`. See docs/engine.md §1."""
 
 from __future__ import annotations
 

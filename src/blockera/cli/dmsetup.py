@@ -3,6 +3,8 @@
 Tables come from `--table TEXT`, a table file argument, or standard input; failures print
 dmsetup's own words (`device-mapper: reload ioctl on NAME failed: Invalid argument`) with the
 target's reason, then `Command failed.`, and exit 1.
+
+See docs/engine.md §1, §2.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`blockera era ...`: the era metadata tools, with thin-provisioning-tools' flags and output."""
+"""`blockera era ...`: the era metadata tools, with thin-provisioning-tools' flags and output.
+See docs/era.md §5, §6."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def dump(metadata: str, output: str | None, logical: bool, metadata_snapshot: bo
       blockera era dump --logical /dev/mapper/era-access
     """
     from blockera.era.dump import dump_xml
-    from blockera.era.reader import EraImage
+    from blockera.era.image import EraImage
 
     with open_for_reading(metadata) as dev:
         image = EraImage(dev, use_snapshot=metadata_snapshot)
@@ -63,7 +64,7 @@ def invalidate(metadata: str, era_threshold: int, metadata_snapshot: bool, outpu
       dmsetup message era 0 drop_metadata_snap
     """
     from blockera.era.invalidate import write_json, write_xml, written_since
-    from blockera.era.reader import EraImage
+    from blockera.era.image import EraImage
 
     with open_for_reading(metadata) as dev:
         image = EraImage(dev, use_snapshot=metadata_snapshot)

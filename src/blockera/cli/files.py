@@ -3,7 +3,8 @@ path (`/dev/mapper/NAME` may be a device of the engine daemon), read-only with O
 live device is not seen through a stale page cache; output to stdout, or to a file that only
 replaces its target once complete and durable. An output that is one of the command's inputs
 (the same file, by device and inode, whatever the path says) is refused before anything is
-read or written; so is replacing a non-empty file where the command says so."""
+read or written; so is replacing a non-empty file where the command says so.
+See docs/era.md §5; docs/snapshot.md §8."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`blockera nbd serve`: export image files or block devices over NBD without the engine (the
-engine daemon exports its own devices itself)."""
+engine daemon exports its own devices itself). See docs/nbd.md."""
 
 from __future__ import annotations
 

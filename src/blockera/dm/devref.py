@@ -5,6 +5,8 @@ device of the same engine) or as `MAJ:MIN`. A `DeviceRef` is one open of such a 
 `BlockDevice` to do I/O on, the name the TABLE status prints (MAJ:MIN like the kernel; image
 files, which have no device number, print their path), and an identity so that targets can tell
 when two tables name the same device (snapshots pair with their origin that way).
+
+See docs/engine.md §1.
 """
 
 from __future__ import annotations

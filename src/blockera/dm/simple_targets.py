@@ -1,5 +1,6 @@
 """The simple targets: `linear <dev> <offset>`, `error` and `zero` (the kernel's dm-linear.c,
-dm-target.c's error target and dm-zero.c), with their constructor errors and table formats."""
+dm-target.c's error target and dm-zero.c), with their constructor errors and table formats.
+See docs/engine.md §1."""
 
 from __future__ import annotations
 

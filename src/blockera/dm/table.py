@@ -5,6 +5,8 @@ like the kernel requires (dm_table_add_target: "Gap in table"). Blank lines and 
 are ignored, as dmsetup ignores them in table files. Start and length are ASCII decimal
 numbers below 2^64 (what the kernel's parser takes), and the whole device must stay below
 2^63 bytes, the largest size Linux (and an NBD client) can address.
+
+See docs/engine.md §1.
 """
 
 from __future__ import annotations

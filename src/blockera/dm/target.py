@@ -6,6 +6,8 @@ around suspension, `preresume`/`resume` when the table goes live, `destroy` when
 dropped. `status()` is the INFO status text, `table_args()` the TABLE text, `message()` answers
 `dmsetup message`. Targets do not register anywhere: whoever assembles an engine hands it
 the target types it runs (`TargetTypes`, by name).
+
+See docs/engine.md §1.
 """
 
 from __future__ import annotations

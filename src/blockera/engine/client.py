@@ -1,4 +1,5 @@
-"""A client of the engine daemon with the same operations as `Engine`, plus device I/O."""
+"""A client of the engine daemon with the same operations as `Engine`, plus device I/O.
+See docs/engine.md §2."""
 
 from __future__ import annotations
 

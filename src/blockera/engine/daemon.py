@@ -3,12 +3,14 @@
 The control socket is private (mode 0600) before it listens, whatever the umask; the state
 directory (the socket's by default) holds `<socket name without suffix>.pid`, and on exit the
 daemon removes only the socket it created and a pid file that still names it. Other services
-over the same engine (the NBD export, `blockera.nbd.engine_service`) are handed in as
+over the same engine (the NBD export, `blockera.nbd.daemon_service`) are handed in as
 `DaemonService` objects: they start before the control socket appears (so it existing means
 everything is up) and stop right after it closes. On SIGTERM or SIGINT the daemon shuts down cleanly: it stops accepting
 requests, stops the services (NBD clients are disconnected once their requests in flight are
 answered), suspends every device (users before what they use) so that targets commit their
 metadata, removes them and deletes the socket.
+
+See docs/engine.md §2, §3.
 """
 
 from __future__ import annotations

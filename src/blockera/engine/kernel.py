@@ -7,6 +7,8 @@ target gave (its `ti->error`, or a DMERR line) is in the kernel log, so after a 
 device-mapper lines of the log are read and the reason is attached to the exception, which has
 the same class as the userspace engine would raise (TableError for a rejected table,
 TargetError for a refused message, DeviceMapperError otherwise).
+
+See docs/engine.md §4.
 """
 
 from __future__ import annotations

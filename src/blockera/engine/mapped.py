@@ -6,6 +6,8 @@ release I/O; remove: suspend if needed, destroy the tables).
 It is itself a `BlockDevice`: I/O is split at target boundaries and handed to each target with
 sectors relative to the target's start. While the device is suspended, I/O waits, as it does in
 the kernel.
+
+See docs/engine.md §1.
 """
 
 from __future__ import annotations

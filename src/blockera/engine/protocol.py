@@ -7,6 +7,8 @@ or `{"ok": false, "error": message, "errno": "EINVAL", "kind": exception class}`
 
 Where clients find the daemon: `--socket PATH`, else $BLOCKERA_SOCKET, else
 $XDG_RUNTIME_DIR/blockera/engine.sock, else /run/blockera/engine.sock.
+
+See docs/engine.md §2.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ block devices or each other, with the kernel's life cycle and dmsetup's output f
 All control operations (create, load, suspend, resume, remove, message, status...) are
 serialised; I/O on devices runs concurrently. Devices are referenced in tables by path, as
 `/dev/mapper/NAME`, or as `MAJ:MIN`; a device in use by another table cannot be removed.
+
+See docs/engine.md §1.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from blockera.dm.devref import DeviceRef
 from blockera.dm.table import parse_table
 from blockera.dm.target import TargetTypes, construct
 from blockera.engine.mapped import MappedDevice, Table
-from blockera.engine.targets import STANDARD_TARGETS
+from blockera.engine.standard_targets import STANDARD_TARGETS
 from blockera.errors import BlockeraError, DeviceError, DeviceMapperError, TableError
 
 DM_MAJOR = 253

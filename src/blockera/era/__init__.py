@@ -1,3 +1,3 @@
 """dm-era: its on-disk metadata (superblock, writeset tree, era array), the metadata-level
 operations the target performs, the era target itself, and the era tools
-(specs/era-metadata.md §9-§15)."""
+(docs/era.md §1, §2, §3, §5, §6; docs/persistent-data.md §7)."""

@@ -1,5 +1,5 @@
 """`era dump`: the metadata as XML, byte-identical to thin-provisioning-tools 0.9.0 `era_dump`
-(specs/era-metadata.md §13.1).
+(docs/era.md §5).
 
 Differences from 0.9.0, on purpose: `--logical` reports the newest era a block was written in
 (0.9.0 keeps the lowest writeset era), counting the live current writeset (0.9.0 ignores it),
@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from blockera.era.reader import EraImage
+from blockera.era.image import EraImage
 from blockera.row_render import Choice, Num, render_lines
 from blockera.progress import progress
 

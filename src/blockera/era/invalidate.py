@@ -1,6 +1,6 @@
 """`era invalidate --written-since ERA`: the blocks written in ERA or later, as 0.9.0
 `era_invalidate` prints them (maximal runs; `<range begin="b" end = "e"/>` with an exclusive
-end, `<block block="b"/>` for runs of one), or as JSON (specs/era-metadata.md §13.2).
+end, `<block block="b"/>` for runs of one), or as JSON (docs/era.md §5).
 
 A block is listed when its era-array entry is >= ERA or it is set in an archived writeset whose
 era is >= ERA, or in the live current writeset when the current era is >= ERA (0.9.0 ignores
@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from blockera.era.reader import EraImage, mask_to_ranges
+from blockera.era.image import EraImage, mask_to_ranges
 from blockera.row_render import Choice, Num, render_lines
 
 

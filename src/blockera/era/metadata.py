@@ -1,5 +1,5 @@
 """dm-era metadata: open or format, and every metadata-level operation the era target performs
-(specs/era-metadata.md §9-§11; the kernel's `struct era_metadata` and metadata_* functions).
+(docs/era.md §1, §2, §3; the kernel's `struct era_metadata` and metadata_* functions).
 
 Open/format, resize, rollover (archive + new era), commit (bitset flush, space-map commit, write
 all blocks, flush, superblock, flush), take/drop of the metadata snapshot, and digestion of
@@ -54,7 +54,7 @@ class Stats:
     era: int
 
 
-class Digest:
+class DigestProgress:
     """The digestion coroutine: lookup -> transcribe (100 bits per step) -> remove -> lookup."""
 
     def __init__(self) -> None:
@@ -264,12 +264,12 @@ class EraMetadata:
         return False
 
     # -- digestion -------------------------------------------------------------------------------
-    def digest_start(self, digest: Digest) -> None:
+    def digest_start(self, digest: DigestProgress) -> None:
         if digest.step is None:
             digest.__init__()
             digest.step = "lookup"
 
-    def digest_step(self, digest: Digest) -> None:
+    def digest_step(self, digest: DigestProgress) -> None:
         """Run one step of digestion (the kernel's metadata_digest_* functions)."""
         if digest.step == "lookup":
             key = self.writeset_tree.find_lowest_key(self.writeset_tree_root)
@@ -319,7 +319,7 @@ class EraMetadata:
 
     def digest_all(self) -> None:
         """Digest every archived writeset now (tools and tests; the target steps instead)."""
-        digest = Digest()
+        digest = DigestProgress()
         self.digest_start(digest)
         while digest.step is not None:
             self.digest_step(digest)

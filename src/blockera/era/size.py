@@ -1,5 +1,5 @@
 """`era metadata-size`: the metadata device a dm-era target needs, computed from the on-disk
-structures (specs/era-metadata.md §15) rather than fitted to measurements.
+structures (docs/era.md §6) rather than fitted to measurements.
 
 For N origin blocks: the era array takes A = ceil(N/1018) array blocks, each writeset
 W = ceil(ceil(N/64)/509); their btrees grow by the kernel's append pattern (leaves of 248 except

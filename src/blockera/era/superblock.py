@@ -1,4 +1,4 @@
-"""The dm-era superblock (specs/era-metadata.md §9; the kernel's `struct superblock_disk`).
+"""The dm-era superblock (docs/era.md §1; the kernel's `struct superblock_disk`).
 
 Block 0 of the metadata device, and also the layout of a metadata-snapshot copy (of which only
 the writeset tree root and era array root are meaningful). 224 bytes of packed little-endian

@@ -1,4 +1,4 @@
-"""The `era` target (specs/era-metadata.md §11; the kernel's dm-era-target.c, version 1.0.0).
+"""The `era` target (docs/era.md §3; the kernel's dm-era-target.c, version 1.0.0).
 
 `era <metadata dev> <origin dev> <block size>`: a linear mapping onto the origin that records,
 per block of `block size` sectors, the era in which it was last written.
@@ -29,7 +29,7 @@ from typing import Callable
 
 from blockera.dm.devref import Opener
 from blockera.dm.target import Target
-from blockera.era.metadata import Digest, EraMetadata, Stats
+from blockera.era.metadata import DigestProgress, EraMetadata, Stats
 from blockera.errors import (BlockeraError, DeviceError, MetadataError, NoSpaceError,
                              TableError, TargetError)
 from blockera.units import METADATA_BLOCK_SECTORS, SECTOR_BYTES, div_up
@@ -67,7 +67,7 @@ class _Worker:
         self.requeue = False
         self.busy = False
         self.exiting = False
-        self.digest = Digest()
+        self.digest = DigestProgress()
         self.thread = threading.Thread(target=self._run, name="era-worker", daemon=True)
         self.thread.start()
 
@@ -160,7 +160,7 @@ class _Worker:
 
     def _rollback(self, md: EraMetadata) -> None:
         md.abort()
-        self.digest = Digest()
+        self.digest = DigestProgress()
 
     def _process_marks(self, md: EraMetadata) -> None:
         with self.cv:

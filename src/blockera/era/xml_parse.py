@@ -9,6 +9,8 @@ every tag, checks that only whitespace lies between tags, and decodes the tens o
 `<bit .../>` and `<era .../>` lines in the exact layout era_dump writes with vectorised byte
 comparisons; any other tag is parsed one by one. Documents with comments, entities, CDATA or a
 DOCTYPE go to expat instead. Either way every element is checked and errors name the line.
+
+See docs/era.md §5.
 """
 
 from __future__ import annotations

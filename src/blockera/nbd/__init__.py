@@ -17,8 +17,10 @@ Modules, one protocol part each: `protocol` (constants and message layouts), `ha
 threads of one connection), `wire` (socket I/O), `exports` (export names to devices), `limits`
 (block size constraints), `listeners` (unix and TCP sockets, loopback rule), `connection` (one
 client's life), `server` (accepting and shutdown), `errors` (exceptions and the device-error
-to NBD-error mapping). For the device-mapper engine: `engine_exports` (the engine's devices as
-exports, by name, live) and `engine_service` (the export as a service of `blockera daemon`).
+to NBD-error mapping). For the device-mapper engine: `engine_devices` (the engine's devices as
+exports, by name, live) and `daemon_service` (the export as a service of `blockera daemon`).
+
+See docs/nbd.md.
 """
 
 from blockera.errors import ListenError

@@ -5,6 +5,8 @@ gracefully whatever phase it is in: during the handshake the socket is shut down
 transmission no further requests are read, those in flight are answered, then the socket
 closes. `finished` is set when everything is released, the claim on the negotiated export
 included (see `blockera.nbd.exports`).
+
+See docs/nbd.md §4.
 """
 
 from __future__ import annotations

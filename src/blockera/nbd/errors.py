@@ -5,6 +5,8 @@ server. `ClientProtocolError` and `ClientDisconnected` end one connection only: 
 client breaks a mandatory rule of the protocol (the server then initiates a hard disconnect),
 the second when the peer went away. `nbd_error_for` turns what a `BlockDevice` raised into the
 error field of a reply.
+
+See docs/nbd.md §3.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ Optional device attributes the server also honours:
 * `fast_zero` (bool): when true, WRITE_ZEROES with NBD_CMD_FLAG_FAST_ZERO is carried out;
   otherwise such a request fails at once with NBD_ENOTSUP, as the protocol asks of a server
   that cannot zero faster than it writes.
+
+See docs/nbd.md §2, §5.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ it, and the release that comes with the claim travels in `Negotiated` to the con
 
 The whole handshake has a deadline; a client that breaks a mandatory rule (bad magic, unknown
 client flags, oversized option data) gets a hard disconnect, as the protocol allows.
+
+See docs/nbd.md §2.
 """
 
 from __future__ import annotations

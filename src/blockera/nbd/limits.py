@@ -6,6 +6,8 @@ device-mapper devices, which address 512-byte sectors, are not sent partial sect
 that agreed to the constraints); the preferred block size is the size below which I/O costs a
 read-modify-write; the maximum payload bounds the memory one READ or WRITE can make the server
 allocate.
+
+See docs/nbd.md §2.
 """
 
 from __future__ import annotations

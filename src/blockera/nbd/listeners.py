@@ -4,6 +4,8 @@
 NBD has no authentication here and no encryption, so whoever can connect can read and
 overwrite every export. TCP therefore binds to 127.0.0.1 unless told otherwise, and an address
 that is not a loopback address is refused unless the caller passes `allow_remote=True`.
+
+See docs/nbd.md §1.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ This module owns the vocabulary only: magic numbers, handshake/transmission flag
 reply codes, information types, commands, command flags, error values and the `struct` formats
 of every fixed-size message. It has no behaviour; `handshake` and `transmission` speak it.
 All integers on the wire are big-endian.
+
+See docs/nbd.md §2, §3.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ every connection finish the requests it has in flight, closes the connections an
 unix socket. One thread accepts on all listeners; each connection has its own threads (see
 `connection`, `transmission` and `workers`). The server holds its own lock only to track
 connections, never across a device call.
+
+See docs/nbd.md §1, §4.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ than the maximum payload NBD_EINVAL (a structured READ NBD_EOVERFLOW) -- an over
 payload is read and dropped in bounded pieces, so the connection stays in step. A bad request
 magic is a protocol violation: the connection is closed once the requests already in flight have
 been answered.
+
+See docs/nbd.md §3.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ transmission phase lets one thread at a time read. `before_wait`, when set, is c
 before the reader would block waiting for the peer (the transmission phase sends the replies
 it has held back then). `send_buffers` writes several buffers with one `sendmsg` (header and
 data without concatenating them).
+
+See docs/nbd.md §3.
 """
 
 from __future__ import annotations

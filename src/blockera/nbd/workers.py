@@ -18,6 +18,8 @@ switches to dispatch mode for `DISPATCH_REQUESTS` requests; after that it tries 
 The standby polls only while requests are flowing and parks when the connection is idle.
 Threads are started on demand, up to `max_workers` (with 1, requests run one at a time).
 No lock is held across `receive` or `execute`.
+
+See docs/nbd.md §3.
 """
 
 from __future__ import annotations

@@ -1,3 +1,3 @@
 """The kernel's persistent-data library (drivers/md/persistent-data), byte-compatible:
 checksums and validators, block manager and transactions, the metadata space map, btrees,
-arrays and bitsets. Specification: specs/era-metadata.md §2-§8."""
+arrays and bitsets. See docs/persistent-data.md."""

@@ -1,4 +1,4 @@
-"""dm-array (specs/era-metadata.md §7; the kernel's dm-array.c).
+"""dm-array (docs/persistent-data.md §5; the kernel's dm-array.c).
 
 An array of fixed-size values is stored as array blocks (header: csum, max_entries, nr_entries,
 value_size, blocknr; values from byte 24), all full except the last, indexed by a btree that maps

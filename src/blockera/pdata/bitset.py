@@ -1,4 +1,4 @@
-"""dm-bitset (specs/era-metadata.md §8; the kernel's dm-bitset.c).
+"""dm-bitset (docs/persistent-data.md §6; the kernel's dm-bitset.c).
 
 A bitset of n bits is a dm-array of ceil(n/64) little-endian u64 words; bit i is bit i%64 of word
 i//64. Like the kernel, one word is cached: `set_bit` changes only the cached word, which is

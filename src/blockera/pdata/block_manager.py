@@ -3,6 +3,8 @@ location and checksum stamped on the way out (the kernel's dm-block-manager / dm
 
 Reads are cached (validated contents, bounded LRU); blocks changed in the current transaction are
 held dirty until `flush`, which writes them in ascending order and then issues a device flush.
+
+See docs/persistent-data.md §1, §2.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Block checksums and validators (specs/era-metadata.md §2).
+"""Block checksums and validators (docs/persistent-data.md §1).
 
 Every persistent-data block stores at offset 0 a CRC32C of bytes 4..4095 (seed 0xFFFFFFFF, no final
 inversion) XORed with a per-type constant, and stores its own location (`blocknr`) so that a

@@ -1,5 +1,5 @@
 """The metadata space map: reference counts of the metadata device's own blocks
-(specs/era-metadata.md §5; the kernel's dm-space-map-metadata.c and dm-space-map-common.c).
+(docs/persistent-data.md §3; the kernel's dm-space-map-metadata.c and dm-space-map-common.c).
 
 On disk: a 32-byte root in the superblock (nr_blocks, nr_allocated, index block, ref-count btree
 root); one index block of up to 255 entries {bitmap block, nr_free, none_free_before}; bitmap

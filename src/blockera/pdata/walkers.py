@@ -4,6 +4,8 @@ Every node is checked for location, checksum, type, value size, key order, key r
 parent, uniform depth, and that no block is reached twice (cycles, shared nodes within one tree).
 Array blocks are gathered in one read, checksummed in a tight loop and checked with numpy; values
 come back as numpy arrays, never as per-entry Python objects.
+
+See docs/persistent-data.md §7.
 """
 
 from __future__ import annotations

@@ -1,15 +1,16 @@
-"""dm-snapshot exception stores and COW tools (specs/snapshot-cow.md).
+"""dm-snapshot exception stores and COW tools (docs/snapshot.md).
 
 The on-disk format of the persistent store (`P`/`PO`), the in-memory transient store (`N`),
 and the tools that read COW devices (`cow dump`, `cow changed`, `cow extract`). Byte-compatible
 with Linux's dm-snap-persistent.c / dm-snap-transient.c; checked against a real kernel in
 tests/kernel/test_cow_kernel.py.
 
-Modules: `layout` (chunk arithmetic, §2.1/§2.7), `header` (§2.2/§2.9), `records` (§2.3),
-`reader` (bulk load with the kernel's stopping rules, §2.4), `anomalies` (what the kernel
-accepts but a reader reports), `chunkmap` (the in-memory table), `store` (interface,
-`open_store`), `persistent` (§2.4-§2.12), `transient` (§3), `build` (whole-image writer),
-`changed`, `dump`, `extract` (the tools).
+Modules: `layout` (chunk arithmetic), `header` (header and chunk-size rules), `records`
+(exception records), `cow_image` (bulk load with the kernel's stopping rules), `anomalies` (what
+the kernel accepts but a reader reports), `chunkmap` (the in-memory table), `store` (the
+interface), `store_open` (`open_store`), `persistent` and `transient` (the two stores), `build`
+(whole-image writer), `changed`, `dump`, `extract` (the tools); the targets in
+`snapshot_target`, `origin_target`, `merge_target`, with `origin_registry` and `copyout`.
 
 Store API for the snapshot, snapshot-origin and snapshot-merge targets
 -----------------------------------------------------------------------
@@ -26,8 +27,8 @@ Store API for the snapshot, snapshot-origin and snapshot-merge targets
     version N", "Failed to read snapshot metadata: ..." for an area beyond the end), or
     DeviceError (I/O, COW smaller than a chunk).
 
-Helpers: `chunk_of_sector(sector)`, `cow_offset_bytes(new_chunk)` (where an exception's data
-lives). Errors: `StoreInvalidError` and `StoreWriteError` are DeviceErrors (errno EIO).
+Helper: `cow_offset_bytes(new_chunk)` (where an exception's data lives). Errors:
+`StoreInvalidError` and `StoreWriteError` are DeviceErrors (errno EIO).
 
 Attributes: `kind` ("P", "PO", "N"), `chunk_sectors` (in force), `chunk_bytes`, `valid`,
 `overflowed`, `persistent`, `supports_merge`, `overflow_capable` (PO), `warnings` (kernel log
@@ -96,7 +97,7 @@ from blockera.snapshot.changed import ChangedChunks, changed_chunks, merge_range
 from blockera.snapshot.header import DiskHeader
 from blockera.snapshot.layout import SNAP_MAGIC, SNAPSHOT_DISK_VERSION, Geometry
 from blockera.snapshot.persistent import PersistentStore
-from blockera.snapshot.reader import CowImage, ExceptionTable, read_cow, read_exception_table
+from blockera.snapshot.cow_image import CowImage, ExceptionTable, read_cow, read_exception_table
 from blockera.snapshot.store import (ExceptionStore, MergeBatch, StoreInvalidError,
                                      StoreWriteError, parse_store_type)
 from blockera.snapshot.store_open import open_store

@@ -1,5 +1,5 @@
 """Record-level corruption the kernel accepts but a reader should report
-(specs/snapshot-cow.md §2.4 "Things the kernel does not check", §7 invariants 5 and 6).
+(docs/snapshot.md §2: what the kernel does not check when it loads a store).
 
 The kernel's loader registers every record up to the terminator without checking it. A store
 written by a healthy kernel never has any of these; each one means the image was damaged or
@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from blockera.snapshot.layout import RUN_LENGTH_SHIFT, Geometry
-from blockera.snapshot.reader import ExceptionTable
+from blockera.snapshot.cow_image import ExceptionTable
 
 KINDS = ("duplicate_old", "shared_new", "metadata_chunk", "beyond_end", "run_length_bits",
          "old_overflow")

@@ -1,4 +1,4 @@
-"""Writing a whole persistent store in one go (specs/snapshot-cow.md §2.6, §2.8, §7).
+"""Writing a whole persistent store in one go (docs/snapshot.md §3, §2).
 
 `write_store()` lays out the exact bytes a kernel leaves on the COW after creating a store and
 committing the given exceptions in order without interruption: the header chunk, every area

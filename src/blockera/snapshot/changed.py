@@ -1,5 +1,5 @@
 """The exception table as a changed-block list: `blockera cow changed`
-(specs/snapshot-cow.md §2.3, §6.1).
+(docs/snapshot.md §2, §8).
 
 Every record's `old_chunk` is an origin chunk whose snapshot view differs from the origin,
 whether the exception came from a copy-out on an origin write or from a write to the snapshot.
@@ -26,7 +26,7 @@ from blockera.blockdev import BlockDevice
 from blockera.row_render import Num, render_lines
 from blockera.errors import MetadataError
 from blockera.snapshot.anomalies import AnomalyReport, find_anomalies
-from blockera.snapshot.reader import CowImage, read_cow
+from blockera.snapshot.cow_image import CowImage, read_cow
 
 
 @dataclass

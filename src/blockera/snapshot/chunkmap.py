@@ -1,5 +1,5 @@
 """The in-memory exception table (the kernel's "complete" `dm_exception_table` in dm-snap.c,
-specs/snapshot-cow.md §4.5).
+docs/snapshot.md §6).
 
 Holds the committed exceptions in list order (numpy arrays, for bulk access and merging from
 the tail) and a dict `old_chunk -> new_chunk` for O(1) lookups. When an `old_chunk` occurs

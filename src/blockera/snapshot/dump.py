@@ -1,5 +1,5 @@
 """`blockera cow dump`: everything on a persistent COW's metadata, for inspection
-(specs/snapshot-cow.md §2.2-§2.4, §4.3).
+(docs/snapshot.md §1, §2, §6).
 
 Prints the header, the geometry, the load state a kernel would reach (`current_area`,
 `current_committed`, `next_free`, and the status line it would show right after activation),
@@ -25,7 +25,7 @@ from blockera.blockdev import BlockDevice
 from blockera.row_render import Num, render_lines
 from blockera.snapshot.anomalies import AnomalyReport, find_anomalies
 from blockera.snapshot.layout import SNAP_MAGIC
-from blockera.snapshot.reader import CowImage, read_cow
+from blockera.snapshot.cow_image import CowImage, read_cow
 from blockera.units import SECTOR_BYTES
 
 

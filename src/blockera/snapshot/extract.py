@@ -1,4 +1,4 @@
-"""`blockera cow extract`: copy out just the changed chunks (specs/snapshot-cow.md §6.1, §4.9).
+"""`blockera cow extract`: copy out just the changed chunks (docs/snapshot.md §8, §6).
 
 Which data (`source`):
 
@@ -41,7 +41,7 @@ import numpy as np
 from blockera.blockdev import BlockDevice
 from blockera.errors import MetadataError
 from blockera.snapshot.changed import merge_ranges
-from blockera.snapshot.reader import CowImage
+from blockera.snapshot.cow_image import CowImage
 
 SOURCES = ("origin", "snapshot")
 STREAM_MAGIC = b"BLKCOWX1"

@@ -1,4 +1,4 @@
-"""The persistent store's header and the chunk-size rules (specs/snapshot-cow.md §2.2, §2.9).
+"""The persistent store's header and the chunk-size rules (docs/snapshot.md §1, §2).
 
 Mirrors the kernel's `struct disk_header` (four little-endian u32: magic, valid, version,
 chunk_size at COW byte 0; the rest of chunk 0 is written as zeros), `read_header()` /

@@ -1,4 +1,4 @@
-"""Where things live on a persistent COW device (specs/snapshot-cow.md §2.1, §2.5, §2.7).
+"""Where things live on a persistent COW device (docs/snapshot.md §1, §2).
 
 Mirrors the kernel's `area_location()`, `skip_metadata()` and the room check of
 `persistent_prepare_exception()` in dm-snap-persistent.c. Everything is counted in chunks of

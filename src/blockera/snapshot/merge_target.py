@@ -1,4 +1,4 @@
-"""The `snapshot-merge` target (specs/snapshot-cow.md §2.12, §4.6; the kernel's
+"""The `snapshot-merge` target (docs/snapshot.md §6; the kernel's
 snapshot_merge_map, snapshot_merge_next_chunks, merge_callback, snapshot_merge_resume and
 snapshot_merge_presuspend in dm-snap.c, target version 1.5.0).
 

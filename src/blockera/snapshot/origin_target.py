@@ -1,4 +1,4 @@
-"""The `snapshot-origin` target (specs/snapshot-cow.md §4.4; the kernel's origin_ctr,
+"""The `snapshot-origin` target (docs/snapshot.md §6; the kernel's origin_ctr,
 origin_map and origin_status in dm-snap.c, target version 1.9.0).
 
     snapshot-origin <origin dev>

@@ -1,4 +1,4 @@
-"""The persistent exception store, `P` and `PO` (specs/snapshot-cow.md §2.4-§2.12, §4.3).
+"""The persistent exception store, `P` and `PO` (docs/snapshot.md §2, §6).
 
 Mirrors dm-snap-persistent.c: `persistent_read_metadata()` (header, chunk-size override,
 version, invalid state, `read_exceptions()`), `persistent_prepare_exception()` (room check
@@ -34,7 +34,7 @@ from blockera.snapshot.chunkmap import ChunkMap
 from blockera.snapshot.header import DiskHeader, check_disk_header, chunk_size_error
 from blockera.snapshot.layout import (DEFAULT_CHUNK_SECTORS, FIRST_DATA_CHUNK, HEADER_BYTES,
                                       SNAP_MAGIC, SNAPSHOT_DISK_VERSION, U64_MASK, Geometry)
-from blockera.snapshot.reader import read_exception_table
+from blockera.snapshot.cow_image import read_exception_table
 from blockera.snapshot.records import RECORD_WORDS
 from blockera.snapshot.store import (ExceptionStore, MergeBatch, StoreInvalidError,
                                      StoreWriteError)

@@ -1,4 +1,4 @@
-"""Exception records and metadata areas (specs/snapshot-cow.md §2.3).
+"""Exception records and metadata areas (docs/snapshot.md §2).
 
 Mirrors the kernel's `struct disk_exception` (u64 LE `old_chunk`, u64 LE `new_chunk`) and how
 `insert_exceptions()` scans an area: records from index 0 up to the first one whose

@@ -1,4 +1,4 @@
-"""The `snapshot` target (specs/snapshot-cow.md §4.1-§4.5, §4.7; the kernel's snapshot_ctr,
+"""The `snapshot` target (docs/snapshot.md §6; the kernel's snapshot_ctr,
 snapshot_map, snapshot_preresume, snapshot_resume and snapshot_status in dm-snap.c, target
 version 1.16.0).
 

@@ -1,6 +1,5 @@
-"""Parsing the arguments of `snapshot` and `snapshot-merge` table lines (specs/snapshot-cow.md
-§2.9, §4.1; the kernel's snapshot_ctr(), parse_snapshot_features() and
-dm_exception_store_create()).
+"""Parsing the arguments of `snapshot` and `snapshot-merge` table lines (docs/snapshot.md §6;
+the kernel's snapshot_ctr(), parse_snapshot_features() and dm_exception_store_create()).
 
     <origin dev> <COW dev> <P|PO|N> <chunk sectors> [<#features> <feature>...]
 

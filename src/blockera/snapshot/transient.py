@@ -1,4 +1,4 @@
-"""The transient exception store, `N` (specs/snapshot-cow.md §3).
+"""The transient exception store, `N` (docs/snapshot.md §5).
 
 Mirrors dm-snap-transient.c: nothing but data goes to the COW; the table lives in memory only;
 allocation is a bump pointer in sectors from COW chunk 0 (room check

@@ -1,4 +1,5 @@
-"""Read-only, validating access to dm-era metadata for the tools (specs/era-metadata.md §14.1).
+"""Read-only, validating access to dm-era metadata for the tools (docs/era.md §2,
+§5).
 
 `EraImage` opens the live superblock or, on request, the held metadata snapshot, and returns the
 writeset tree, each writeset's bits and the era array as numpy arrays. The derived views are the

@@ -1,4 +1,4 @@
-"""Reading a persistent store's exception table in bulk (specs/snapshot-cow.md §2.4).
+"""Reading a persistent store's exception table in bulk (docs/snapshot.md §2).
 
 Mirrors the kernel's `read_exceptions()` / `insert_exceptions()` in dm-snap-persistent.c:
 areas are read in order from area 0; inside an area records are taken up to the first

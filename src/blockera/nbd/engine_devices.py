@@ -11,6 +11,8 @@ A client in the transmission phase holds its device open (it counts in the devic
 count, which `dmsetup info` shows), as a process holding /dev/mapper/NAME open does with the
 kernel's device-mapper: the device cannot be removed while a client uses it. A device without
 a live table is listed, with size 0, but a client cannot connect to it.
+
+See docs/nbd.md §5.
 """
 
 from __future__ import annotations

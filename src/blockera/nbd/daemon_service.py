@@ -5,11 +5,13 @@
 (`engine.sock` -> `engine-nbd.sock`, mode 0600); TCP is off unless an address is given, binds
 to 127.0.0.1 when only a port is given, and refuses a non-loopback address unless remote
 clients are allowed explicitly (NBD has no authentication or encryption here). Export names are
-the engine's device names (`blockera.nbd.engine_exports`).
+the engine's device names (`blockera.nbd.engine_devices`).
 
 The daemon stops the service before it suspends its devices: no new connections, requests in
 flight are answered (for at most `stop_timeout_s`: a request waiting on a suspended device is
 then cut off), clients are disconnected, and only then does the engine suspend and commit.
+
+See docs/nbd.md §1, §5.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from blockera.engine.userspace import Engine
 from blockera.errors import UsageError
-from blockera.nbd.engine_exports import EngineExports
+from blockera.nbd.engine_devices import EngineExports
 from blockera.nbd.server import NbdServer, serve
 
 log = logging.getLogger(__name__)
