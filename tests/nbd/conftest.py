@@ -212,3 +212,38 @@ def nbd_daemon(sock_dir: Path) -> Iterator[Callable[..., Any]]:
     for daemon in daemons:
         status = daemon.stop()
         assert status == 0, f"daemon exited with {status}: {daemon.stderr()}"
+
+
+def wait_all(h: Any, cookies: list[int], timeout_s: float = 30) -> None:
+    """Poll until every command has completed (each is retired exactly once)."""
+    deadline = time.monotonic() + timeout_s
+    pending = set(cookies)
+    while pending:
+        assert time.monotonic() < deadline, f"{len(pending)} commands never completed"
+        h.poll(1000)
+        pending = {c for c in pending if not h.aio_command_completed(c)}
+
+
+class GatedDevice(MemoryDevice):
+    """Reads at offset 0 wait for `gate`."""
+
+    def __init__(self, size_bytes: int) -> None:
+        super().__init__(size_bytes)
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def read(self, offset_bytes: int, length_bytes: int) -> bytes:
+        if offset_bytes == 0:
+            self.waiting.set()
+            assert self.gate.wait(20)
+        return super().read(offset_bytes, length_bytes)
+
+
+def stop_nbdfuse(mountpoint: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Unmount an nbdfuse mount and wait for (or kill) its process."""
+    subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, timeout=30)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)

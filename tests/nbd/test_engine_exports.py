@@ -17,7 +17,7 @@ from blockera.blockdev import FileDevice
 from blockera.era.check import check_era_metadata
 from blockera.errors import DeviceMapperError
 
-from .conftest import pattern, wait_until
+from .conftest import pattern, wait_all, wait_until
 from .engineenv import MiB, image, nonzero_blocks, recorded_blocks
 from .rawclient import (CMD_READ, CMD_WRITE, EINVAL, ENOSPC, OPT_EXPORT_NAME, OPT_GO,
                         REP_ERR_UNKNOWN, RawClient)
@@ -65,16 +65,6 @@ def go_refusal(server: Any, name: str) -> str:
         return message.decode()
     finally:
         raw.close()
-
-
-def wait_all(h: Any, cookies: list[int], timeout_s: float = 30) -> None:
-    """Poll until every command has completed (each is retired exactly once)."""
-    deadline = time.monotonic() + timeout_s
-    pending = set(cookies)
-    while pending:
-        assert time.monotonic() < deadline, f"{len(pending)} commands never completed"
-        h.poll(1000)
-        pending = {c for c in pending if not h.aio_command_completed(c)}
 
 
 def nbd_errno(nbd: Any, call: Any) -> int:

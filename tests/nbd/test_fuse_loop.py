@@ -16,7 +16,7 @@ import pytest
 
 from blockera.blockdev import FileDevice
 
-from .conftest import require_fuse_and_loop, pattern, run, unix_uri
+from .conftest import pattern, require_fuse_and_loop, run, stop_nbdfuse, unix_uri
 
 MiB = 1 << 20
 
@@ -50,12 +50,7 @@ def fuse_file(start_server, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         _wait_for(pidfile, 20, proc)
         yield mountpoint / "nbd", image
     finally:
-        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, timeout=30)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_nbdfuse(mountpoint, proc)
         server.shutdown(timeout_s=10)
         device.close()
 

@@ -14,7 +14,7 @@ from blockera.blockdev import MemoryDevice
 from blockera.errors import DeviceError, NoSpaceError
 from blockera.nbd import Export
 
-from .conftest import RecordingDevice, pattern, unix_uri
+from .conftest import RecordingDevice, pattern, unix_uri, wait_all
 
 MiB = 1 << 20
 
@@ -280,16 +280,6 @@ def test_several_connections_at_once(nbd, start_server) -> None:
     for index in range(8):
         assert h.pread(chunk, index * 16 * chunk) == pattern(chunk, seed=index)
     h.shutdown()
-
-
-def wait_all(h: Any, cookies: list[int], timeout_s: float = 30) -> None:
-    """Poll until every command has completed (each is retired exactly once)."""
-    deadline = time.monotonic() + timeout_s
-    pending = set(cookies)
-    while pending:
-        assert time.monotonic() < deadline, f"{len(pending)} commands never completed"
-        h.poll(1000)
-        pending = {c for c in pending if not h.aio_command_completed(c)}
 
 
 def test_many_requests_in_flight_on_one_connection(nbd, start_server) -> None:

@@ -4,7 +4,6 @@ answers with the right error or closes that connection, and keeps serving everyo
 from __future__ import annotations
 
 import struct
-import threading
 import time
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from blockera.blockdev import MemoryDevice
 from blockera.nbd import BlockLimits, Export
 
-from .conftest import wait_until
+from .conftest import GatedDevice, wait_until
 from .rawclient import (
     CMD_DISC, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM,
     CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, ENOSPC, EOVERFLOW, EPERM, INFO_BLOCK_SIZE,
@@ -309,21 +308,6 @@ def test_bad_request_magic_closes_only_that_connection(client, server) -> None:
     assert bad.is_closed()
     good.request(CMD_READ, 2, 0, 4)
     assert good.simple_reply(4) == (0, 2, b"\0\1\2\3")
-
-
-class GatedDevice(MemoryDevice):
-    """Reads at offset 0 wait for `gate`."""
-
-    def __init__(self, size_bytes: int) -> None:
-        super().__init__(size_bytes)
-        self.gate = threading.Event()
-        self.waiting = threading.Event()
-
-    def read(self, offset_bytes: int, length_bytes: int) -> bytes:
-        if offset_bytes == 0:
-            self.waiting.set()
-            assert self.gate.wait(20)
-        return super().read(offset_bytes, length_bytes)
 
 
 def test_replies_out_of_order_and_disc_waits_for_requests_in_flight(start_server) -> None:

@@ -13,7 +13,7 @@ import time
 from blockera.blockdev import MemoryDevice
 from blockera.nbd.workers import Workers
 
-from .conftest import wait_until
+from .conftest import GatedDevice, wait_until
 from .rawclient import CMD_READ, REQUEST_MAGIC, RawClient
 
 MiB = 1 << 20
@@ -136,21 +136,6 @@ def test_an_unexpected_error_in_a_request_ends_the_connection() -> None:
     h.feed("ok", "boom")        # then nothing: a receive under way must be interrupted
     assert h.finished.wait(10)
     assert sorted(h.done) == ["boom", "ok"] and h.finish_calls == 1
-
-
-class GatedDevice(MemoryDevice):
-    """Reads at offset 0 wait for `gate`."""
-
-    def __init__(self, size_bytes: int) -> None:
-        super().__init__(size_bytes)
-        self.gate = threading.Event()
-        self.waiting = threading.Event()
-
-    def read(self, offset_bytes: int, length_bytes: int) -> bytes:
-        if offset_bytes == 0:
-            self.waiting.set()
-            assert self.gate.wait(20)
-        return super().read(offset_bytes, length_bytes)
 
 
 def _requests(*reqs: tuple[int, int, int, int]) -> bytes:

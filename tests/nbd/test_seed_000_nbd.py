@@ -26,7 +26,7 @@ from blockera.engine.userspace import Engine
 from blockera.era.check import check_era_metadata
 from blockera.nbd.daemon_service import EngineNbdService, NbdSettings
 
-from .conftest import require_fuse_and_loop, pattern, run
+from .conftest import pattern, require_fuse_and_loop, run, stop_nbdfuse
 from .engineenv import MiB, image, nonzero_blocks
 
 ERA_BLOCK_BYTES = 4096 * 512        # the tutorial's granularity: 4096 sectors, 2 MiB
@@ -134,15 +134,6 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 20) 
         time.sleep(0.02)
 
 
-def _stop_nbdfuse(mountpoint: Path, proc: subprocess.Popen[bytes]) -> None:
-    subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, timeout=30)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 def _unmount(path: Path) -> None:
     if os.path.ismount(path):
         subprocess.run(["umount", str(path)], capture_output=True, timeout=60)
@@ -164,7 +155,7 @@ def test_seed_000_with_ext4_over_nbdfuse_and_a_loop_device(tutorial: Tutorial,
         proc = subprocess.Popen(["nbdfuse", "-P", str(tmp_path / "nbdfuse.pid"), str(fuse_dir),
                                  f"nbd+unix:///era?socket={t.nbd_socket}"],
                                 stderr=subprocess.PIPE)
-        cleanup.callback(_stop_nbdfuse, fuse_dir, proc)
+        cleanup.callback(stop_nbdfuse, fuse_dir, proc)
         _wait_for(tmp_path / "nbdfuse.pid", proc)
         era_file = fuse_dir / "nbd"
         assert era_file.stat().st_size == 256 * MiB
