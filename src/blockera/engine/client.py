@@ -97,6 +97,10 @@ class EngineClient:
         return str(self.call("ls")[0])
 
     # -- I/O ---------------------------------------------------------------------------------------
+    def device(self, name: str) -> "ClientDevice":
+        """/dev/mapper/NAME of the engine for I/O (its own connection to the daemon)."""
+        return ClientDevice(name, self.socket_path)
+
     def size_bytes(self, name: str) -> int:
         return int(self.call("size", name=name)[0])  # type: ignore[arg-type]
 
