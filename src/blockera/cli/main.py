@@ -32,9 +32,11 @@ def _register() -> None:
     from blockera.cli.dd import dd
     from blockera.cli.dmsetup import dmsetup
     from blockera.cli.era import era
+    from blockera.cli.live import activate, invalidate, mark, replicate, status, track, untrack
     from blockera.cli.nbd import nbd
 
-    for command in (era, cow, dmsetup, daemon, dd, nbd):
+    for command in (era, cow, dmsetup, daemon, dd, nbd, track, activate, untrack, status,
+                    replicate, mark, invalidate):
         cli.add_command(command)
 
 

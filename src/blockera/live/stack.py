@@ -160,8 +160,8 @@ def repair(engine: DmControl, record: TrackedDevice) -> list[str]:
     name = record.name
     if engines.exists(engine, record.origin_name) and engines.exists(engine, name) and \
             _is_era_over(engine, name, record.origin_name):
+        engine.suspend(name)        # before the load: the new era table reads committed metadata
         engine.load(name, era_table(record, record.real_name))
-        engine.suspend(name)
         engine.resume(name)
         done.append(f"{name}: era layer put back over {record.real_name}")
     for leftover in (record.origin_name, record.snapshot_name):
