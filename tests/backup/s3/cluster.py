@@ -104,7 +104,7 @@ osd crush update on start = false
 osd class update on start = false
 [client.rgw.a]
 rgw data = {d}/rgw.a
-rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port}
+rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port} tcp_nodelay=1
 """)
 
     # -- processes -------------------------------------------------------------------------
