@@ -145,6 +145,10 @@ class S3Location:
             scheme, host, rest = parts.scheme, parts.netloc, parts.path[1:]
         elif url.startswith("s3:"):
             body = url[5:] if url.startswith("s3://") else url[3:]
+            if "://" in body:
+                raise ValueError(f"{url}: unknown scheme; expected s3:host/bucket[/prefix] "
+                                 "(HTTPS), s3:http://host:port/bucket[/prefix] or "
+                                 "s3:https://...")
             host, _, rest = body.partition("/")
             scheme = "https"
             if not host or not rest:
@@ -304,7 +308,7 @@ class RateLimiter:
     def take(self, n_bytes: int) -> None:
         with self._lock:
             now = time.monotonic()
-            self._due = max(self._due, now - 0.1) + n_bytes / self.bytes_per_s
+            self._due = max(self._due, now) + n_bytes / self.bytes_per_s
             wait = self._due - now - 0.1
         if wait > 0:
             time.sleep(wait)
@@ -477,10 +481,15 @@ class S3Backend(Backend):
                                       assert_same_host=False, preload_content=False,
                                       pool_timeout=None, release_conn=False)
         except urllib3.exceptions.SSLError as exc:
-            raise S3ConnectionError(
-                f"{self.location}: TLS with {self._host} failed: {_reason(exc)}. If the "
-                "server's certificate is signed by a private CA, pass its certificate as "
-                "cacert", status=0) from None
+            reason = _reason(exc)
+            if "CERTIFICATE_VERIFY_FAILED" in reason or "certificate" in reason.lower():
+                hint = ("the server's certificate is not trusted; if it is signed by a "
+                        "private CA, pass that CA's certificate (PEM) as cacert")
+            else:
+                hint = ("is the endpoint serving HTTPS? For plain HTTP write "
+                        f"s3:http://{self.loc.host}/...")
+            raise S3ConnectionError(f"{self.location}: TLS with {self._host} failed "
+                                    f"({reason}): {hint}") from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise _Retry(_reason(exc)) from None
         try:

@@ -55,6 +55,8 @@ class RadosGW:
         self.memstore_bytes = memstore_bytes
         self.mon_port = 0
         self.rgw_port = 0
+        self.rgw_tls_port = 0
+        self.ca_path = self.root / "tls" / "ca.pem"
         self.conf = self.root / "ceph.conf"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self.startup_s = 0.0
@@ -62,6 +64,12 @@ class RadosGW:
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.rgw_port}"
+
+    @property
+    def tls_endpoint(self) -> str:
+        """The same radosgw over HTTPS, with a certificate for 127.0.0.1 signed by a private
+        CA (`ca_path`)."""
+        return f"https://127.0.0.1:{self.rgw_tls_port}"
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -104,8 +112,52 @@ osd crush update on start = false
 osd class update on start = false
 [client.rgw.a]
 rgw data = {d}/rgw.a
-rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port} tcp_nodelay=1
+rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port} ssl_endpoint=127.0.0.1:{self.rgw_tls_port} ssl_certificate={d}/tls/server.pem ssl_private_key={d}/tls/server.key tcp_nodelay=1
 """)
+
+    def _write_tls(self) -> None:
+        """A private CA and a server certificate for 127.0.0.1 (EC P-256, one day)."""
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        tls = self.root / "tls"
+        tls.mkdir(exist_ok=True)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+        ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+              .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(hours=1))
+              .not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+              .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                           crl_sign=True, content_commitment=False,
+                                           key_encipherment=False, data_encipherment=False,
+                                           key_agreement=False, encipher_only=False,
+                                           decipher_only=False), critical=True)
+              .sign(ca_key, hashes.SHA256()))
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+                .issuer_name(ca_name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                     x509.DNSName("localhost")]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        self.ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        (tls / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM) +
+                                         ca.public_bytes(serialization.Encoding.PEM))
+        (tls / "server.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption()))
 
     # -- processes -------------------------------------------------------------------------
 
@@ -137,7 +189,8 @@ rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port} tcp_nodelay=1
         start = time.monotonic()
         for sub in ("run", "log", "crash", "mon.a", "osd.0", "rgw.a"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self.mon_port, self.rgw_port = free_port(), free_port()
+        self.mon_port, self.rgw_port, self.rgw_tls_port = free_port(), free_port(), free_port()
+        self._write_tls()
         self._write_conf()
         c = str(self.conf)
         try:
@@ -193,6 +246,10 @@ rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port} tcp_nodelay=1
                 return s.recv(12).startswith(b"HTTP/1.1")
         except OSError:
             return False
+
+    def rgw_running(self) -> bool:
+        proc = self._procs.get("rgw.a")
+        return proc is not None and proc.poll() is None
 
     def kill_rgw(self, sig: int = signal.SIGKILL) -> None:
         """Stop radosgw alone, abruptly by default (the monitor and the OSD keep running)."""
