@@ -513,6 +513,11 @@ class S3Backend(Backend):
         finally:
             resp.release_conn()
         hdrs = {k.lower(): v for k, v in resp.headers.items()}
+        if resp.status in (200, 206) and "content-length" not in hdrs and \
+                "chunked" not in hdrs.get("transfer-encoding", "").lower():
+            # S3 always frames its answers; without a length or chunks, the header block was
+            # cut short (and a body read to the end of the connection may be too).
+            raise _Retry("incomplete answer (neither Content-Length nor chunks)")
         out = _Response(resp.status, hdrs, data)
         if not out.ok:
             out.code, out.message = _parse_error(data)

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 BINARIES = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool", "ceph")
@@ -32,7 +33,8 @@ def missing_binaries() -> list[str]:
 
 
 def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the process that started it dies (no strays)."""
+    """In the child: get SIGKILL when the thread that started it ends (no strays when the
+    test process dies)."""
     import ctypes
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -59,6 +61,7 @@ class RadosGW:
         self.ca_path = self.root / "tls" / "ca.pem"
         self.conf = self.root / "ceph.conf"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="ceph-spawner")
         self.startup_s = 0.0
 
     @property
@@ -110,6 +113,9 @@ osd objectstore = memstore
 memstore device bytes = {self.memstore_bytes}
 osd crush update on start = false
 osd class update on start = false
+# radosgw watches control objects; one killed leaves its watches behind, and every metadata
+# change (a new bucket) waits for them to time out: 30 s by default.
+osd client watch timeout = 3
 [client.rgw.a]
 rgw data = {d}/rgw.a
 rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port} ssl_endpoint=127.0.0.1:{self.rgw_tls_port} ssl_certificate={d}/tls/server.pem ssl_private_key={d}/tls/server.key tcp_nodelay=1
@@ -172,9 +178,11 @@ rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port} ssl_endpoint=127.0.0.1:
     def _spawn(self, name: str, *args: str) -> None:
         out = open(self.root / "log" / f"{name}.out", "ab")
         try:
-            self._procs[name] = subprocess.Popen(list(args), stdin=subprocess.DEVNULL,
-                                                 stdout=out, stderr=subprocess.STDOUT,
-                                                 preexec_fn=_die_with_parent)
+            # The parent-death signal follows the thread that forks, so every process is
+            # started from one thread that lives as long as the cluster.
+            self._procs[name] = self._spawner.submit(
+                subprocess.Popen, list(args), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent).result()
         finally:
             out.close()
 
