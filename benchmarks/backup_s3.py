@@ -270,8 +270,8 @@ def compare_repository(rgw: RadosGW, workdir: Path, size_mib: int, rounds: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", nargs="*", default=["clients", "repository"],
-                    choices=["clients", "repository"])
+    ap.add_argument("what", nargs="*",
+                    help="clients and/or repository (default: both)")
     ap.add_argument("--size-mib", type=int, default=256, help="repository data (default 256)")
     ap.add_argument("--objects", type=int, default=16, help="16 MiB objects per round")
     ap.add_argument("--small-objects", type=int, default=200, help="4 KiB objects per round")
@@ -280,6 +280,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None,
                     help="scratch directory for the cluster (default: a temporary one)")
     args = ap.parse_args()
+    args.what = args.what or ["clients", "repository"]
+    if set(args.what) - {"clients", "repository"}:
+        ap.error("the comparisons are: clients, repository")
     missing = missing_binaries()
     if missing:
         sys.exit(f"missing {', '.join(missing)}: apt-get install --no-install-recommends "

@@ -72,10 +72,7 @@ class S3Error(BackendError):
 
     def __init__(self, message: str, *, code: str = "", status: int = 0,
                  errno_name: str | None = None) -> None:
-        if errno_name is None:
-            super().__init__(message)
-        else:
-            super().__init__(message, errno_name=errno_name)
+        super().__init__(message, errno_name=errno_name)
         self.code = code
         self.status = status
 
@@ -365,7 +362,8 @@ class S3Backend(Backend):
 
     def __init__(self, location: S3Location, *, credentials: Credentials | None = None,
                  profile: str | None = None, region: str | None = None,
-                 connections: int = DEFAULT_CONNECTIONS, cacert: str | os.PathLike[str] | None = None,
+                 connections: int = DEFAULT_CONNECTIONS,
+                 cacert: str | os.PathLike[str] | None = None,
                  limit_upload_kib: float | None = None, limit_download_kib: float | None = None,
                  retries: int = DEFAULT_RETRIES, backoff_initial_s: float = 0.2,
                  backoff_max_s: float = 10.0,
@@ -708,6 +706,11 @@ class S3Backend(Backend):
         headers = {"Content-Type": "application/octet-stream"}
         if self._conditional_put:
             headers["If-None-Match"] = "*"
+        else:
+            head = self._request("HEAD", key, what=what)
+            if head.ok:
+                self._check_same(key, view, what, head)
+                return
         resp = self._request("PUT", key, what=what, headers=headers, body=view,
                              payload_sha256=sha)
         if resp.ok:
@@ -716,17 +719,12 @@ class S3Backend(Backend):
             self._check_same(key, view, what)
             return
         if resp.status == 501 and self._conditional_put:
-            # The server cannot do conditional writes: look first, then write.
+            # The server cannot do conditional writes: look before every write instead.
             log.info("%s: the server does not support If-None-Match; checking before writes",
                      self.location)
             self._conditional_put = False
-            head = self._request("HEAD", key, what=what)
-            if head.ok:
-                self._check_same(key, view, what, head)
-                return
-            return self.save(ftype, name, data)
-        if resp.status == 404 and resp.code == "NoSuchBucket":
-            raise self._no_bucket(what)
+            self.save(ftype, name, data)
+            return
         raise self._error(resp, what)
 
     def _check_same(self, key: str, view: memoryview, what: str,
@@ -739,7 +737,8 @@ class S3Backend(Backend):
             raise self._explain(head, key, what)
         size = int(head.headers.get("content-length", "-1"))
         etag = head.headers.get("etag", "").strip('"')
-        if size == len(view) and (etag == hashlib.md5(view).hexdigest() or
+        md5 = hashlib.md5(view, usedforsecurity=False).hexdigest()
+        if size == len(view) and (etag == md5 or
                                   ("-" in etag and self._same_content(key, view, what))):
             return
         raise S3ObjectExistsError(

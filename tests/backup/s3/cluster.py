@@ -15,7 +15,6 @@ worker) can run side by side.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -78,6 +77,11 @@ class RadosGW:
 
     def _write_conf(self) -> None:
         d = self.root
+        frontend = " ".join([
+            "beast", f"endpoint=127.0.0.1:{self.rgw_port}",
+            f"ssl_endpoint=127.0.0.1:{self.rgw_tls_port}",
+            f"ssl_certificate={d}/tls/server.pem", f"ssl_private_key={d}/tls/server.key",
+            "tcp_nodelay=1"])   # without it, small answers wait for delayed ACKs (40 ms)
         self.conf.write_text(f"""[global]
 fsid = {uuid.uuid4()}
 mon host = [v1:127.0.0.1:{self.mon_port}]
@@ -118,7 +122,7 @@ osd class update on start = false
 osd client watch timeout = 3
 [client.rgw.a]
 rgw data = {d}/rgw.a
-rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port} ssl_endpoint=127.0.0.1:{self.rgw_tls_port} ssl_certificate={d}/tls/server.pem ssl_private_key={d}/tls/server.key tcp_nodelay=1
+rgw frontends = {frontend}
 """)
 
     def _write_tls(self) -> None:

@@ -258,3 +258,15 @@ def test_credentials_from_profile(radosgw: RadosGW, bucket: str, tmp_path,
     be = S3Backend.from_url(s3_url(radosgw, bucket))
     be.create()
     assert not be.exists(FileType.CONFIG, "")
+
+
+def test_server_refuses_a_body_that_does_not_match_its_signed_hash(radosgw: RadosGW,
+                                                                   bucket: str) -> None:
+    """Saves sign the body's SHA-256, so bytes changed on the way are refused, not stored."""
+    be = make_backend(s3_url(radosgw, bucket))
+    be.create()
+    sent = b"what arrives"
+    resp = be._request("PUT", "keys/" + name_of(sent), what="test",
+                       body=memoryview(sent), payload_sha256=name_of(b"what was signed"))
+    assert resp.status == 400 and resp.code == "XAmzContentSHA256Mismatch"
+    assert not be.exists(FileType.KEY, name_of(sent))

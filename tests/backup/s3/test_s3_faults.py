@@ -125,8 +125,9 @@ def test_radosgw_down_longer_than_the_retries(rgw: RadosGW, bucket: str) -> None
 def test_network_that_drops_stalls_truncates_and_throttles(radosgw: RadosGW,
                                                             bucket: str) -> None:
     """Every connection through the proxy meets a fault after a random number of bytes (512 KiB
-    on average; the first four connections after a few hundred bytes). Every write that returns reads back exactly, through
-    the same bad network; restic, talking to radosgw directly, finds the repository sound."""
+    on average; the first four connections after a few hundred bytes). Every write that
+    returns reads back exactly, through the same bad network; restic, talking to radosgw
+    directly, finds the repository sound."""
     need_restic()
     direct = make_backend(s3_url(radosgw, bucket))
     direct.create()
