@@ -5,6 +5,7 @@ bandwidth limits; and the parts that need no server (locations, signatures)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,14 +13,14 @@ from datetime import datetime, timezone
 
 import pytest
 
-from blockera.backup import BackendError, BackendNotFoundError, FileType
+from blockera.backup import BackendError, BackendNotFoundError, FileType, Repository
 from blockera.backup.s3 import (Credentials, RateLimiter, S3Backend, S3ConnectionError,
                                 S3BucketNotFoundError, S3Location, S3ObjectExistsError,
                                 SigV4Signer)
 
-from ..helpers import random_bytes
+from ..helpers import FAST_KDF, PASSWORD, need_restic, random_bytes
 from .cluster import RadosGW
-from .conftest import ACCESS_KEY, SECRET_KEY, make_backend, s3_url
+from .conftest import ACCESS_KEY, SECRET_KEY, ResticS3, make_backend, s3_url
 
 pytestmark = pytest.mark.xdist_group("s3")
 
@@ -208,8 +209,17 @@ def test_tls_with_private_ca(radosgw: RadosGW, bucket: str) -> None:
         make_backend(url).create()
     be = make_backend(url, cacert=radosgw.ca_path)
     be.create()
-    be.save(FileType.KEY, name_of(b"over tls"), b"over tls")
-    assert be.load(FileType.KEY, name_of(b"over tls")) == b"over tls"
+    be.save(FileType.LOCK, name_of(b"over tls"), b"over tls")
+    assert be.load(FileType.LOCK, name_of(b"over tls")) == b"over tls"
+    be.remove(FileType.LOCK, name_of(b"over tls"))
+    # a repository made over HTTPS opens in restic given the same CA
+    need_restic()
+    repo = Repository.init(make_backend(url + "/repo", cacert=radosgw.ca_path), PASSWORD,
+                           kdf_params=FAST_KDF)
+    restic = ResticS3(url + "/repo")
+    cfg = json.loads(restic.run("--cacert", str(radosgw.ca_path), "cat", "config").stdout)
+    assert cfg["id"] == repo.config.id
+    repo.close()
     # plain HTTP spelled as HTTPS: the error says which
     wrong = make_backend(f"s3:https://127.0.0.1:{radosgw.rgw_port}/{bucket}", retries=0)
     with pytest.raises(S3ConnectionError, match="s3:http://"):
