@@ -17,6 +17,7 @@ LAYERS = [
     {"engine"},
     {"nbd"},
     {"backup"},
+    {"live"},
     {"cli", "__init__"},
     {"__main__"},
 ]
