@@ -79,6 +79,8 @@ GUEST_MODULES = (
     "dm-era",
     "dm-snapshot",
     "dm-zero",
+    "dm-cache",
+    "dm-cache-smq",
     "dm-flakey",
     "dm-delay",
     "loop",
