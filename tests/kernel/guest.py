@@ -85,6 +85,7 @@ GUEST_MODULES = (
     "dm-delay",
     "loop",
     "overlay",
+    "ext4",
 )
 
 #: 9p payload size: the largest the kernel's virtio transport accepts.

@@ -20,7 +20,7 @@ SCRIPT = r"""
 cd "$REPO"
 B="python3 -m blockera"
 S="--state-dir $SHARE/state"
-LV="0 262144 linear /dev/vdb 2048"
+LV="0 262144 linear /dev/vda 2048"
 dmsetup create vg-lv --table "$LV"
 mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/mapper/vg-lv
 mkdir -p /mnt/lv
@@ -35,16 +35,16 @@ writer() {
 writer &
 W=$!
 sleep 1
-$B track /dev/mapper/vg-lv --metadata /dev/vdc --block-size 128 $S
+$B track /dev/mapper/vg-lv --metadata /dev/vdb --block-size 128 $S
 dmsetup table vg-lv > $SHARE/table-tracked.txt
-$B replicate /dev/mapper/vg-lv /dev/vdd --json $S > $SHARE/round1.json
-$B replicate /dev/mapper/vg-lv /dev/vdd --json $S > $SHARE/round2.json
+$B replicate /dev/mapper/vg-lv /dev/vdc --json $S > $SHARE/round1.json
+$B replicate /dev/mapper/vg-lv /dev/vdc --json $S > $SHARE/round2.json
 touch /tmp/stop
 wait $W
 umount /mnt/lv
-$B replicate /dev/mapper/vg-lv /dev/vdd --json $S > $SHARE/round3.json
-cmp /dev/mapper/vg-lv /dev/vdd && echo mirror-equal-1
-e2fsck -fn /dev/vdd > /dev/null 2>&1 && echo mirror-fsck-clean
+$B replicate /dev/mapper/vg-lv /dev/vdc --json $S > $SHARE/round3.json
+cmp /dev/mapper/vg-lv /dev/vdc && echo mirror-equal-1
+e2fsck -fn /dev/vdc > /dev/null 2>&1 && echo mirror-fsck-clean
 
 $B mark m1 /dev/mapper/vg-lv $S
 dd if=/dev/urandom of=/dev/mapper/vg-lv bs=64k seek=100 count=3 oflag=direct 2>/dev/null
@@ -58,8 +58,8 @@ $B activate --all $S 2> $SHARE/activate1.txt
 mount /dev/mapper/vg-lv /mnt/lv
 dd if=/dev/urandom of=/mnt/lv/after-reboot bs=64k count=32 conv=fsync 2>/dev/null
 umount /mnt/lv
-$B replicate /dev/mapper/vg-lv /dev/vdd --json $S > $SHARE/round4.json
-cmp /dev/mapper/vg-lv /dev/vdd && echo mirror-equal-2
+$B replicate /dev/mapper/vg-lv /dev/vdc --json $S > $SHARE/round4.json
+cmp /dev/mapper/vg-lv /dev/vdc && echo mirror-equal-2
 $B status --json $S > $SHARE/status.json
 
 # a reboot after which the volume was written before the stack was back: noticed
@@ -71,24 +71,30 @@ mount /dev/mapper/vg-lv /mnt/lv
 dd if=/dev/urandom of=/mnt/lv/untracked bs=64k count=16 conv=fsync 2>/dev/null
 $B activate --all $S 2> $SHARE/activate2.txt
 umount /mnt/lv
-$B replicate /dev/mapper/vg-lv /dev/vdd --json $S > $SHARE/round5.json
-cmp /dev/mapper/vg-lv /dev/vdd && echo mirror-equal-3
+$B replicate /dev/mapper/vg-lv /dev/vdc --json $S > $SHARE/round5.json
+cmp /dev/mapper/vg-lv /dev/vdc && echo mirror-equal-3
 
 # dm-cache above the tracked volume: the blocks written after a mark leave the cache
-dd if=/dev/zero of=/dev/vdf bs=4k count=1 oflag=direct 2>/dev/null
-dmsetup create cache --table "0 262144 cache /dev/vdf /dev/vdg /dev/mapper/vg-lv 128 1 writethrough smq 0"
+dd if=/dev/zero of=/dev/vdd bs=4k count=1 oflag=direct 2>/dev/null
+dmsetup create cache --table "0 262144 cache /dev/vdd /dev/vde /dev/mapper/vg-lv 128 1 writethrough smq 0"
 for pass in 1 2 3 4 5 6 7 8; do
     dd if=/dev/mapper/cache of=/dev/null bs=64k skip=200 count=16 iflag=direct 2>/dev/null
 done
 $B mark m2 /dev/mapper/vg-lv $S
 dd if=/dev/urandom of=/dev/mapper/cache bs=64k seek=204 count=2 oflag=direct 2>/dev/null
 dmsetup suspend cache
-cache_dump /dev/vdf > $SHARE/cache-before.xml
+dd if=/dev/vdd of=/tmp/cmeta bs=1M iflag=direct 2>/dev/null
+L=$(losetup -f --show -r /tmp/cmeta)
+cache_dump $L > $SHARE/cache-before.xml
+losetup -d $L
 dmsetup resume cache
 $B invalidate --since-mark m2 --dm-cache cache --json /dev/mapper/vg-lv $S > $SHARE/inval2.json 2> $SHARE/inval2.err
 dmsetup table cache > $SHARE/cache-table-after.txt
 dmsetup suspend cache
-cache_dump /dev/vdf > $SHARE/cache-after.xml
+dd if=/dev/vdd of=/tmp/cmeta bs=1M iflag=direct 2>/dev/null
+L=$(losetup -f --show -r /tmp/cmeta)
+cache_dump $L > $SHARE/cache-after.xml
+losetup -d $L
 dmsetup resume cache
 dmsetup remove cache
 
@@ -111,6 +117,7 @@ def _mappings(xml: str) -> dict[int, int]:
 def test_live_workflows_on_the_kernel(kernel_guest: KernelGuest, tmp_path: Path) -> None:
     share = tmp_path / "share"
     share.mkdir()
+    # /dev/vda: the physical volume; vdb: era metadata; vdc: the mirror; vdd, vde: dm-cache
     disks = [create_disk_image(tmp_path / "pv.img", 256 * MiB),
              create_disk_image(tmp_path / "meta.img", 16 * MiB),
              create_disk_image(tmp_path / "mirror.img", 128 * MiB),

@@ -3,7 +3,7 @@ sector ranges (docs/live-devices.md §5) — the cache above a device that was r
 
 The kernel allows `invalidate_cblocks` only in passthrough mode, and refuses passthrough while
 the cache holds dirty blocks. So: suspend the cache (its metadata is committed), read which
-cache block holds which origin block with thin-provisioning-tools' `cache_dump`, reload the
+cache block holds which origin block with thin-provisioning-tools' `cache_dump` (from a copy), reload the
 table in passthrough mode, resume, send `invalidate_cblocks` for the cache blocks whose origin
 block meets a range, and reload the original table. Whatever happens, the original table is
 put back.
@@ -14,13 +14,16 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tempfile
 
+from blockera.blockdev import FileDevice
 from blockera.errors import BlockeraError, DeviceError, UsageError
 from blockera.live import engines
 from blockera.live.engines import DmControl
 
 MODES = ("writeback", "writethrough", "passthrough")
 MESSAGE_RANGES = 512                       # cblock ranges per message
+COPY_PIECE_BYTES = 4 << 20
 _MAPPING_RE = re.compile(rb'<mapping cache_block="(\d+)" origin_block="(\d+)"')
 
 
@@ -32,14 +35,30 @@ def _device_path(reference: str) -> str:
 
 
 def cached_origin_blocks(metadata_device: str) -> dict[int, int]:
-    """cache block -> origin block, from the cache's metadata (read with cache_dump)."""
+    """cache block -> origin block, from the cache's metadata: cache_dump will not open
+    metadata a live cache holds, so the metadata is copied (O_DIRECT, while the cache is
+    suspended) and read from a read-only loop device over the copy (cache_dump opens with
+    O_DIRECT, which a temporary filesystem may not offer)."""
     tool = shutil.which("cache_dump")
     if tool is None:
         raise DeviceError("cache_dump (thin-provisioning-tools) is needed to read the cache's "
                           "metadata: apt-get install thin-provisioning-tools")
-    r = subprocess.run([tool, _device_path(metadata_device)], capture_output=True)
+    with tempfile.NamedTemporaryFile(prefix="blockera-cache-meta-") as copy:
+        with FileDevice(_device_path(metadata_device), writable=False, direct=True) as dev:
+            for offset in range(0, dev.size_bytes, COPY_PIECE_BYTES):
+                copy.write(dev.read(offset, min(COPY_PIECE_BYTES, dev.size_bytes - offset)))
+        copy.flush()
+        loop = subprocess.run(["losetup", "--find", "--show", "--read-only", copy.name],
+                              capture_output=True, text=True)
+        if loop.returncode != 0:
+            raise DeviceError(f"cannot attach a loop device to read the cache metadata: "
+                              f"{loop.stderr.strip()}")
+        try:
+            r = subprocess.run([tool, loop.stdout.strip()], capture_output=True)
+        finally:
+            subprocess.run(["losetup", "--detach", loop.stdout.strip()], capture_output=True)
     if r.returncode != 0:
-        raise DeviceError(f"cache_dump {metadata_device} failed: "
+        raise DeviceError(f"cache_dump of {metadata_device} failed: "
                           f"{r.stderr.decode(errors='replace').strip()}")
     return {int(c): int(o) for c, o in _MAPPING_RE.findall(r.stdout)}
 

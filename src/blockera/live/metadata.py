@@ -91,6 +91,9 @@ def kernel_metadata_device(path: str) -> str:
         return found.stdout.split()[0]
     made = subprocess.run(["losetup", "--find", "--show", "--direct-io=on",
                            os.path.abspath(path)], capture_output=True, text=True)
+    if made.returncode != 0:         # a filesystem without O_DIRECT (tmpfs): buffered
+        made = subprocess.run(["losetup", "--find", "--show", os.path.abspath(path)],
+                              capture_output=True, text=True)
     if made.returncode != 0:
         raise DeviceError(f"{path}: cannot attach a loop device for the metadata: "
                           f"{made.stderr.strip()}")
