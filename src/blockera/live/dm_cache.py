@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 
 from blockera.blockdev import FileDevice
 from blockera.errors import BlockeraError, DeviceError, UsageError
@@ -28,10 +29,18 @@ _MAPPING_RE = re.compile(rb'<mapping cache_block="(\d+)" origin_block="(\d+)"')
 
 
 def _device_path(reference: str) -> str:
-    """A table's device reference (MAJ:MIN or a path) as a path cache_dump can open."""
-    if re.fullmatch(r"\d+:\d+", reference):
+    """A table's device reference (MAJ:MIN or a path) as a path that can be opened: the node
+    sysfs names for the number (udev's /dev/block links may be missing)."""
+    if not re.fullmatch(r"\d+:\d+", reference):
+        return reference
+    try:
+        uevent = Path(f"/sys/dev/block/{reference}/uevent").read_text()
+    except OSError:
         return f"/dev/block/{reference}"
-    return reference
+    for line in uevent.splitlines():
+        if line.startswith("DEVNAME="):
+            return f"/dev/{line.split('=', 1)[1]}"
+    return f"/dev/block/{reference}"
 
 
 def cached_origin_blocks(metadata_device: str) -> dict[int, int]:
