@@ -4,10 +4,25 @@ and real peers (qemu-nbd, nbdkit)."""
 
 from __future__ import annotations
 
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from blockera.errors import UsageError
+from blockera.blockdev import MemoryDevice
+from blockera.errors import DeviceError, NoSpaceError, UsageError
+from blockera.nbd import BlockLimits, Export
+from blockera.nbd.client import NbdConnectError, NbdConnectionLost, NbdDevice, \
+    NbdExportNotFoundError, open_nbd
 from blockera.nbd.uri import NbdUri, NbdUriError, parse_nbd_uri
+
+from . import rawclient as raw
+from .conftest import GatedDevice, RecordingDevice, pattern, tcp_uri, unix_uri, wait_until
 
 MiB = 1 << 20
 
@@ -69,3 +84,581 @@ def test_bad_uris(text: str, complaint: str) -> None:
         parse_nbd_uri(text)
     assert complaint in str(info.value)
     assert isinstance(info.value, UsageError)
+
+
+# -- against blockera's own server ---------------------------------------------------------------
+
+@pytest.fixture
+def opened() -> Iterator[Callable[..., NbdDevice]]:
+    """open_nbd() whose devices are all closed at the end of the test."""
+    devices: list[NbdDevice] = []
+
+    def open_(uri: str, **options: Any) -> NbdDevice:
+        options.setdefault("writable", True)
+        options.setdefault("connect_timeout_s", 5)
+        options.setdefault("reply_timeout_s", 10)
+        device = open_nbd(uri, **options)
+        devices.append(device)
+        return device
+
+    yield open_
+    for device in devices:
+        device.close()
+
+
+def test_round_trip_over_unix_and_tcp(start_server, opened) -> None:
+    backing = MemoryDevice(8 * MiB)
+    server = start_server({"disk": backing}, tcp=True)
+    for uri in (unix_uri(server), tcp_uri(server)):
+        dev = opened(uri)
+        assert dev.size_bytes == 8 * MiB
+        assert (dev.info.min_block_bytes, dev.info.preferred_block_bytes,
+                dev.info.max_payload_bytes) == (512, 4096, 32 * MiB)
+        assert dev.info.negotiated_with == "NBD_OPT_GO"
+        data = pattern(3 * MiB + 1000, seed=len(uri))
+        dev.write(4096, data)
+        assert bytes(backing.data[4096:4096 + len(data)]) == data
+        assert dev.read(4096, len(data)) == data
+        backing.write(0, b"from the server side")
+        assert dev.read(0, 20) == b"from the server side"
+
+
+def test_unaligned_requests_are_widened_to_whole_blocks(start_server, opened) -> None:
+    backing = RecordingDevice(MiB, data=pattern(MiB, seed=2))
+    limits = BlockLimits(min_block_bytes=4096, preferred_block_bytes=4096,
+                         max_payload_bytes=64 << 10)
+    server = start_server({"disk": backing}, limits=limits)
+    dev = opened(unix_uri(server))
+    expected = bytearray(pattern(MiB, seed=2))
+    for offset, length in [(1, 1), (100, 5000), (4095, 2), (8192, 4096), (12000, 200_000),
+                           (MiB - 3, 3), (0, MiB)]:
+        data = pattern(length, seed=offset)
+        dev.write(offset, data)
+        expected[offset:offset + length] = data
+        assert dev.read(offset, length) == data
+        around, until = max(0, offset - 5000), min(MiB, offset + length + 5000)
+        assert dev.read(around, until - around) == bytes(expected[around:until])
+    assert backing.data == expected
+    # every request the server saw was aligned to 4096 and at most 64 KiB
+    io = [c for c in backing.calls if c[0] in ("read", "write")]
+    assert io and all(off % 4096 == 0 and n % 4096 == 0 and 0 < n <= 64 << 10
+                      for _, off, n in io), io
+
+
+def test_export_size_not_a_multiple_of_the_block(start_server, opened) -> None:
+    backing = MemoryDevice(10_000)
+    server = start_server({"disk": backing})
+    dev = opened(unix_uri(server))
+    dev.write(9_000, b"x" * 1000)
+    dev.write(9_990, b"end of it!")
+    assert dev.read(9_000, 1000) == b"x" * 990 + b"end of it!"
+    assert bytes(backing.data[9_990:]) == b"end of it!"
+    dev.discard(9_500, 500)
+    assert dev.read(9_000, 1000) == b"x" * 500 + bytes(500)
+    with pytest.raises(DeviceError, match="beyond the end"):
+        dev.read(9_999, 2)
+
+
+def test_large_requests_are_split_at_the_maximum_payload(start_server, opened) -> None:
+    backing = RecordingDevice(4 * MiB)
+    server = start_server({"disk": backing},
+                          limits=BlockLimits(max_payload_bytes=256 << 10))
+    dev = opened(unix_uri(server), connections=3)
+    assert dev.connection_count == 3
+    assert dev.chunk_bytes == 256 << 10
+    data = pattern(3 * MiB, seed=5)
+    dev.write(512, data)
+    assert dev.read(512, len(data)) == data
+    writes = [n for kind, _, n in backing.calls if kind == "write"]
+    assert max(writes) == 256 << 10 and sum(writes) == 3 * MiB and len(writes) == 12
+    assert server.connection_count() == 3
+
+
+def test_flush_fua_discard_zeroes_and_trim(start_server, opened) -> None:
+    backing = RecordingDevice(MiB, data=b"\xff" * MiB)
+    server = start_server({"disk": backing})
+    dev = opened(unix_uri(server))
+    assert dev.info.can_flush and dev.info.can_fua and dev.info.can_trim
+    dev.flush()
+    assert backing.kinds()[-1] == "flush"
+    dev.write(0, b"a" * 512, fua=True)
+    assert backing.kinds()[-2:] == ["write", "flush"]
+    dev.discard(4096, 8192)
+    assert ("write_zeroes", 4096, 8192) in backing.calls
+    dev.write_zeroes(100, 1000)  # unaligned: the edges are read-modify-written
+    assert bytes(backing.data[:100]) == b"a" * 100
+    assert bytes(backing.data[100:1100]) == bytes(1000)
+    assert bytes(backing.data[1100:1200]) == b"\xff" * 100
+    assert dev.read(4096, 8192) == bytes(8192)
+    assert dev.trim(1000, 10_000) is True  # only the whole blocks inside
+    assert backing.calls[-1] == ("discard", 1024, 10_752 - 1024)
+
+
+def test_concurrent_unaligned_writes_from_eight_threads(start_server, opened) -> None:
+    """Threads write interleaved 100-byte pieces, so each 4 KiB block is shared by all of them
+    and every write is a read-modify-write: none may undo another."""
+    backing = MemoryDevice(MiB)
+    server = start_server({"disk": backing},
+                          limits=BlockLimits(min_block_bytes=4096))
+    dev = opened(unix_uri(server), connections=2)
+    expected = bytearray(MiB)
+    pieces = [(i * 100, pattern(100, seed=i)) for i in range(2000)]
+    for offset, data in pieces:
+        expected[offset:offset + 100] = data
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            for offset, data in pieces[index::8]:
+                dev.write(offset, data)
+                assert dev.read(offset, 100) == data
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert backing.data == expected
+    assert dev.read(0, MiB) == bytes(expected)
+
+
+def test_read_only_export(start_server, opened) -> None:
+    backing = MemoryDevice(MiB, data=pattern(MiB))
+    server = start_server({"base": Export(backing, read_only=True)})
+    with pytest.raises(NbdConnectError, match="read-only, so it cannot be opened for "
+                                              "writing") as info:
+        opened(unix_uri(server, "base"), writable=True)
+    assert info.value.errno_name == "EROFS"
+    wait_until(lambda: server.connection_count() == 0)
+    dev = opened(unix_uri(server, "base"), writable=False)
+    assert dev.info.read_only
+    assert dev.read(10, 10) == pattern(MiB)[10:20]
+    dev.flush()  # nothing to make durable
+    for call in (lambda: dev.write(0, b"x"), lambda: dev.discard(0, 512),
+                 lambda: dev.write_zeroes(0, 512), lambda: dev.trim(0, 512)):
+        with pytest.raises(DeviceError, match="opened read-only") as refused:
+            call()
+        assert refused.value.errno_name == "EROFS"
+    assert bytes(backing.data) == pattern(MiB)
+
+
+class Failing(MemoryDevice):
+    """Writes at offset 0 fail with the given error."""
+
+    def __init__(self, size_bytes: int, error: Exception) -> None:
+        super().__init__(size_bytes)
+        self.error = error
+
+    def write(self, offset_bytes: int, data: Any) -> None:
+        if offset_bytes == 0:
+            raise self.error
+        super().write(offset_bytes, data)
+
+
+@pytest.mark.parametrize("error, errno_name, kind", [
+    (NoSpaceError("metadata full"), "ENOSPC", NoSpaceError),
+    (DeviceError("medium error"), "EIO", DeviceError),
+    (DeviceError("misaligned", errno_name="EINVAL"), "EINVAL", DeviceError),
+    (DeviceError("write-protected", errno_name="EROFS"), "EPERM", DeviceError),
+])
+def test_error_replies_become_device_errors(start_server, opened, error, errno_name,
+                                            kind) -> None:
+    server = start_server({"disk": Failing(MiB, error)})
+    dev = opened(unix_uri(server))
+    with pytest.raises(kind) as info:
+        dev.write(0, bytes(4096))
+    assert info.value.errno_name == errno_name
+    assert f"NBD WRITE of 4096 bytes at byte 0 failed: {errno_name}" in str(info.value)
+    dev.write(4096, b"x" * 512)  # the connection goes on
+    assert dev.read(4096, 1) == b"x"
+
+
+def test_wrong_export_name_lists_what_the_server_offers(start_server, opened) -> None:
+    server = start_server({"disk": MemoryDevice(MiB), "base": MemoryDevice(MiB)})
+    with pytest.raises(NbdExportNotFoundError) as info:
+        opened(unix_uri(server, "dsik"))
+    assert info.value.available == ["disk", "base"]
+    assert info.value.errno_name == "ENOENT"
+    assert "no export named 'dsik'" in str(info.value)
+    assert "the server offers: 'base', 'disk'" in str(info.value)
+    wait_until(lambda: server.connection_count() == 0)
+
+
+def test_close_disconnects_and_refuses_further_calls(start_server, opened) -> None:
+    server = start_server({"disk": MemoryDevice(MiB)})
+    dev = opened(unix_uri(server), connections=4)
+    assert server.connection_count() == 4
+    dev.close()
+    wait_until(lambda: server.connection_count() == 0)
+    with pytest.raises(DeviceError, match="closed"):
+        dev.read(0, 512)
+    dev.close()
+
+
+def test_server_shutdown_is_a_clear_error(start_server, opened) -> None:
+    server = start_server({"disk": MemoryDevice(MiB)})
+    dev = opened(unix_uri(server))
+    dev.write(0, b"x" * 512)
+    assert server.shutdown(timeout_s=10)
+    started = time.monotonic()
+    with pytest.raises(NbdConnectionLost, match="connection to the server was lost"):
+        dev.read(0, 512)
+    with pytest.raises(NbdConnectionLost, match="reopen the device"):
+        dev.write(0, b"y" * 512)
+    assert time.monotonic() - started < 5
+
+
+def test_a_request_without_a_reply_times_out(start_server, opened) -> None:
+    backing = GatedDevice(MiB)
+    server = start_server({"disk": backing})
+    dev = opened(unix_uri(server), reply_timeout_s=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(NbdConnectionLost, match=r"no reply to NBD READ of 512 bytes at "
+                                                    r"byte 0 within 0.5 s"):
+            dev.read(0, 512)
+        assert time.monotonic() - started < 5
+        with pytest.raises(NbdConnectionLost):
+            dev.read(4096, 512)
+    finally:
+        backing.gate.set()
+
+
+def test_connect_failures(sock_dir: Path) -> None:
+    with pytest.raises(NbdConnectError, match="no socket at") as info:
+        open_nbd(f"nbd+unix:///disk?socket={sock_dir}/none.sock", writable=True)
+    assert info.value.errno_name == "ENOENT"
+    # a socket that accepts but never greets: the handshake times out
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(str(sock_dir / "silent.sock"))
+    silent.listen(1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(NbdConnectError, match="did not complete the handshake within "
+                                                  "0.3 s"):
+            open_nbd(f"nbd+unix:///disk?socket={sock_dir}/silent.sock", writable=True,
+                     connect_timeout_s=0.3)
+        assert time.monotonic() - started < 3
+    finally:
+        silent.close()
+    # nothing listening on a TCP port
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    with pytest.raises(NbdConnectError, match="connection refused"):
+        open_nbd(f"nbd://127.0.0.1:{port}/disk", writable=False)
+    with pytest.raises(NbdUriError, match="TLS"):
+        open_nbd("nbds://127.0.0.1/disk", writable=False)
+    with pytest.raises(UsageError, match="connections must be"):
+        open_nbd(f"nbd://127.0.0.1:{port}/disk", writable=False, connections=0)
+
+
+# -- against a scripted server -------------------------------------------------------------------
+# Protocol constants come from tests/nbd/rawclient.py, written out independently of the
+# client's own.
+
+HAS_FLAGS, READ_ONLY, SEND_FLUSH, SEND_FUA = 1, 2, 4, 8
+FIXED_NEWSTYLE, NO_ZEROES = 1, 2
+REP_ERR_POLICY, REP_ERR_TLS_REQD, REP_ERR_SHUTDOWN = 0x80000002, 0x80000005, 0x80000007
+OLDSTYLE_MAGIC = 0x00420281861253
+ESHUTDOWN = 108
+
+
+class Peer:
+    """The server's end of one connection, driven by a test script."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+
+    def recv(self, n_bytes: int) -> bytes:
+        out = bytearray()
+        while len(out) < n_bytes:
+            chunk = self.conn.recv(n_bytes - len(out))
+            if not chunk:
+                raise raw.Closed(f"client closed after {len(out)} of {n_bytes} bytes")
+            out += chunk
+        return bytes(out)
+
+    def greet(self, flags: int = FIXED_NEWSTYLE | NO_ZEROES) -> int:
+        self.conn.sendall(struct.pack(">QQH", raw.NBDMAGIC, raw.IHAVEOPT, flags))
+        return struct.unpack(">I", self.recv(4))[0]
+
+    def option(self) -> tuple[int, bytes]:
+        magic, option, length = struct.unpack(">QII", self.recv(16))
+        assert magic == raw.IHAVEOPT
+        return option, self.recv(length)
+
+    def reply(self, option: int, reply_type: int, data: bytes = b"") -> None:
+        self.conn.sendall(struct.pack(">QIII", raw.OPTION_REPLY_MAGIC, option, reply_type,
+                                      len(data)) + data)
+
+    def go(self, size_bytes: int, flags: int,
+           block_sizes: tuple[int, int, int] | None = None) -> str:
+        """Expect NBD_OPT_GO asking for NBD_INFO_BLOCK_SIZE, accept it; the name asked for."""
+        option, data = self.option()
+        assert option == raw.OPT_GO
+        (name_len,) = struct.unpack_from(">I", data)
+        (count,) = struct.unpack_from(">H", data, 4 + name_len)
+        assert struct.unpack_from(f">{count}H", data, 6 + name_len) == (raw.INFO_BLOCK_SIZE,)
+        self.reply(raw.OPT_GO, raw.REP_INFO, struct.pack(">HQH", raw.INFO_EXPORT, size_bytes,
+                                                         flags))
+        if block_sizes is not None:
+            self.reply(raw.OPT_GO, raw.REP_INFO,
+                       struct.pack(">HIII", raw.INFO_BLOCK_SIZE, *block_sizes))
+        self.reply(raw.OPT_GO, raw.REP_ACK)
+        return data[4:4 + name_len].decode()
+
+    def request(self) -> tuple[int, int, int, int, int, bytes]:
+        """(flags, command, cookie, offset, length, payload)."""
+        magic, flags, command, cookie, offset, length = struct.unpack(">IHHQQI",
+                                                                      self.recv(28))
+        assert magic == raw.REQUEST_MAGIC
+        payload = self.recv(length) if command == raw.CMD_WRITE else b""
+        return flags, command, cookie, offset, length, payload
+
+    def simple(self, cookie: int, error: int = 0, data: bytes = b"") -> None:
+        self.conn.sendall(struct.pack(">IIQ", raw.SIMPLE_REPLY_MAGIC, error, cookie) + data)
+
+    def expect_disc(self) -> None:
+        assert self.request()[1] == raw.CMD_DISC
+
+
+Script = Callable[[Peer], None]
+
+
+@pytest.fixture
+def scripted(sock_dir: Path) -> Iterator[Callable[..., str]]:
+    """scripted(*scripts): a unix socket server that runs one script per connection, in
+    order; returns the socket path. A script's failure fails the test."""
+    servers: list[tuple[socket.socket, threading.Thread, list[BaseException]]] = []
+
+    def start(*scripts: Script) -> str:
+        path = sock_dir / f"scripted{len(servers)}.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(4)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            for script in scripts:
+                conn, _ = listener.accept()
+                conn.settimeout(10)
+                try:
+                    script(Peer(conn))
+                except BaseException as exc:  # reported by the test
+                    errors.append(exc)
+                finally:
+                    conn.close()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        servers.append((listener, thread, errors))
+        return str(path)
+
+    yield start
+    for listener, thread, errors in servers:
+        thread.join(10)
+        listener.close()
+        assert not thread.is_alive(), "a scripted connection never came"
+        if errors:
+            raise errors[0]
+
+
+def test_export_name_when_the_server_does_not_know_go(scripted) -> None:
+    def script(peer: Peer) -> None:
+        assert peer.greet() == FIXED_NEWSTYLE | NO_ZEROES
+        option, _ = peer.option()
+        assert option == raw.OPT_GO
+        peer.reply(raw.OPT_GO, raw.REP_ERR_UNSUP)
+        assert peer.option() == (raw.OPT_EXPORT_NAME, b"disk")
+        peer.conn.sendall(struct.pack(">QH", MiB, HAS_FLAGS | SEND_FLUSH))  # NO_ZEROES
+        _, command, cookie, offset, length, _ = peer.request()
+        assert (command, offset, length) == (raw.CMD_READ, 1000, 10)
+        peer.simple(cookie, data=b"0123456789")
+        peer.expect_disc()
+
+    path = scripted(script)
+    with open_nbd(f"nbd+unix:///disk?socket={path}", writable=True) as dev:
+        assert dev.info.negotiated_with == "NBD_OPT_EXPORT_NAME"
+        assert (dev.size_bytes, dev.info.min_block_bytes, dev.info.block_sizes_advertised) \
+            == (MiB, 1, False)
+        assert dev.read(1000, 10) == b"0123456789"
+
+
+def test_plain_newstyle_server(scripted) -> None:
+    def script(peer: Peer) -> None:
+        assert peer.greet(flags=0) == 0  # no fixed newstyle: only NBD_OPT_EXPORT_NAME
+        assert peer.option() == (raw.OPT_EXPORT_NAME, b"")
+        peer.conn.sendall(struct.pack(">QH", 4096, HAS_FLAGS | READ_ONLY) + bytes(124))
+        peer.expect_disc()
+
+    path = scripted(script)
+    with open_nbd(f"nbd+unix:///?socket={path}", writable=False) as dev:
+        assert dev.size_bytes == 4096 and dev.info.read_only
+
+
+def test_unknown_export_with_export_name_is_listed_over_a_new_connection(scripted) -> None:
+    def refuse(peer: Peer) -> None:
+        peer.greet()
+        option, _ = peer.option()
+        peer.reply(option, raw.REP_ERR_UNSUP)
+        assert peer.option() == (raw.OPT_EXPORT_NAME, b"nope")  # then hang up
+
+    def list_(peer: Peer) -> None:
+        peer.greet()
+        assert peer.option() == (raw.OPT_LIST, b"")
+        for name in (b"alpha", b"beta"):
+            peer.reply(raw.OPT_LIST, raw.REP_SERVER, struct.pack(">I", len(name)) + name)
+        peer.reply(raw.OPT_LIST, raw.REP_ACK)
+        assert peer.option()[0] == raw.OPT_ABORT
+        peer.reply(raw.OPT_ABORT, raw.REP_ACK)
+
+    path = scripted(refuse, list_)
+    with pytest.raises(NbdExportNotFoundError, match="the server offers: 'alpha', 'beta'") \
+            as info:
+        open_nbd(f"nbd+unix:///nope?socket={path}", writable=False)
+    assert info.value.available == ["alpha", "beta"]
+
+
+@pytest.mark.parametrize("reply_type, message", [
+    (REP_ERR_TLS_REQD, "requires TLS for export 'disk' \\(the server says: TLS only\\); "
+                       "blockera's NBD client does not support TLS"),
+    (REP_ERR_POLICY, "policy refuses export 'disk' \\(the server says: TLS only\\)"),
+    (REP_ERR_SHUTDOWN, "the server is shutting down"),
+    (raw.REP_ERR_INVALID, "refused NBD_OPT_GO for export 'disk' \\(NBD_REP_ERR_INVALID\\)"),
+])
+def test_go_refusals_end_the_handshake_politely(scripted, reply_type, message) -> None:
+    def script(peer: Peer) -> None:
+        peer.greet()
+        assert peer.option()[0] == raw.OPT_GO
+        peer.reply(raw.OPT_GO, reply_type, b"TLS only")
+        assert peer.option()[0] == raw.OPT_ABORT  # a soft disconnect
+        peer.reply(raw.OPT_ABORT, raw.REP_ACK)
+
+    path = scripted(script)
+    with pytest.raises(NbdConnectError, match=message):
+        open_nbd(f"nbd+unix:///disk?socket={path}", writable=False)
+
+
+@pytest.mark.parametrize("greeting, message", [
+    (b"HTTP/1.1 400 Bad Request\r\n\r\n", "not an NBD server"),
+    (struct.pack(">QQ", raw.NBDMAGIC, OLDSTYLE_MAGIC), "oldstyle handshake"),
+])
+def test_not_a_newstyle_nbd_server(scripted, greeting, message) -> None:
+    path = scripted(lambda peer: peer.conn.sendall(greeting))
+    with pytest.raises(NbdConnectError, match=message):
+        open_nbd(f"nbd+unix:///disk?socket={path}", writable=False)
+
+
+def test_invalid_block_size_constraints_are_refused(scripted) -> None:
+    def script(peer: Peer) -> None:
+        peer.greet()
+        peer.go(MiB, HAS_FLAGS, block_sizes=(3000, 4096, MiB))
+        peer.expect_disc()  # the client was already in transmission: it disconnects
+
+    path = scripted(script)
+    with pytest.raises(NbdConnectError, match="invalid block size constraints \\(minimum 3000"):
+        open_nbd(f"nbd+unix:///disk?socket={path}", writable=False)
+
+
+def test_pieces_answered_out_of_order_are_reassembled(scripted) -> None:
+    def script(peer: Peer) -> None:
+        peer.greet()
+        peer.go(MiB, HAS_FLAGS, block_sizes=(512, 4096, 4096))
+        requests = [peer.request() for _ in range(4)]  # all in flight before any reply
+        assert [(r[1], r[3], r[4]) for r in requests] == \
+            [(raw.CMD_READ, 8192 + i * 4096, 4096) for i in range(4)]
+        assert len({r[2] for r in requests}) == 4  # distinct cookies
+        for _, _, cookie, offset, length, _ in reversed(requests):
+            peer.simple(cookie, data=bytes([offset // 4096]) * length)
+        peer.expect_disc()
+
+    path = scripted(script)
+    with open_nbd(f"nbd+unix:///disk?socket={path}", writable=False) as dev:
+        data = dev.read(8192 + 100, 4 * 4096 - 200)
+    assert data == b"\x02" * 3996 + b"\x03" * 4096 + b"\x04" * 4096 + b"\x05" * 3996
+
+
+@pytest.mark.parametrize("bad_reply, complaint", [
+    (lambda cookie: struct.pack(">IHHQI", raw.STRUCTURED_REPLY_MAGIC, 1, 0, cookie, 0),
+     "a structured reply, which was not negotiated"),
+    (lambda cookie: struct.pack(">IIQ", raw.SIMPLE_REPLY_MAGIC, 0, cookie + 1000),
+     "unknown cookie"),
+    (lambda cookie: struct.pack(">IIQ", 0x12345678, 0, cookie), "bad reply magic 0x12345678"),
+])
+def test_protocol_violations_close_the_connection(scripted, bad_reply, complaint) -> None:
+    def script(peer: Peer) -> None:
+        peer.greet()
+        peer.go(MiB, HAS_FLAGS)
+        cookie = peer.request()[2]
+        peer.conn.sendall(bad_reply(cookie))
+        with pytest.raises((raw.Closed, ConnectionResetError)):
+            peer.request()  # the client hangs up without another word
+
+    path = scripted(script)
+    with open_nbd(f"nbd+unix:///disk?socket={path}", writable=False) as dev:
+        with pytest.raises(NbdConnectionLost, match=complaint):
+            dev.read(0, 512)
+        with pytest.raises(NbdConnectionLost, match=complaint):
+            dev.read(0, 512)
+
+
+def test_an_unknown_error_value_is_taken_as_einval(scripted) -> None:
+    def script(peer: Peer) -> None:
+        peer.greet()
+        peer.go(MiB, HAS_FLAGS | SEND_FLUSH)
+        cookie = peer.request()[2]
+        peer.simple(cookie, error=1234)
+        peer.expect_disc()
+
+    path = scripted(script)
+    with open_nbd(f"nbd+unix:///disk?socket={path}", writable=True) as dev:
+        with pytest.raises(DeviceError, match="NBD WRITE of 3 bytes at byte 7 failed: unknown "
+                                              "NBD error value 1234, taken as EINVAL") as info:
+            dev.write(7, b"abc")
+    assert info.value.errno_name == "EINVAL"
+
+
+def test_eshutdown_is_answered_with_a_soft_disconnect(scripted) -> None:
+    def script(peer: Peer) -> None:
+        peer.greet()
+        peer.go(MiB, HAS_FLAGS | SEND_FLUSH)
+        _, command, cookie, *_ = peer.request()
+        assert command == raw.CMD_WRITE
+        peer.simple(cookie, error=ESHUTDOWN)
+        peer.expect_disc()  # at once, without the client being closed
+
+    path = scripted(script)
+    with open_nbd(f"nbd+unix:///disk?socket={path}", writable=True) as dev:
+        with pytest.raises(DeviceError, match="NBD WRITE .* failed: ESHUTDOWN") as info:
+            dev.write(0, b"x")
+        assert info.value.errno_name == "ESHUTDOWN"
+        with pytest.raises(DeviceError, match="the server is shutting down"):
+            dev.read(0, 1)
+
+
+def test_without_flush_a_writable_export_cannot_be_made_durable(scripted) -> None:
+    def writable(peer: Peer) -> None:
+        peer.greet()
+        peer.go(MiB, HAS_FLAGS)  # writable, but neither FLUSH nor FUA
+        peer.expect_disc()
+
+    def read_only(peer: Peer) -> None:
+        peer.greet()
+        peer.go(MiB, HAS_FLAGS)
+        peer.expect_disc()
+
+    path = scripted(writable, read_only)
+    with open_nbd(f"nbd+unix:///disk?socket={path}", writable=True) as dev:
+        with pytest.raises(DeviceError, match="cannot be made durable: the server does not "
+                                              "support NBD_CMD_FLUSH") as info:
+            dev.flush()
+        assert info.value.errno_name == "EOPNOTSUPP"
+        with pytest.raises(DeviceError, match="a write with FUA cannot be made durable"):
+            dev.write(0, b"x", fua=True)
+    with open_nbd(f"nbd+unix:///disk?socket={path}", writable=False) as dev:
+        dev.flush()  # nothing was written through it

@@ -110,8 +110,7 @@ def parse_nbd_uri(uri: str) -> NbdUri:
         raise _fail(uri, str(exc)) from None
     if parts.fragment or uri.endswith("#"):
         raise _fail(uri, "NBD URIs have no fragment ('#...')")
-    if export_name.startswith("/"):
-        export_name = export_name[1:]
+    export_name = export_name.removeprefix("/")
     if "\0" in export_name:
         raise _fail(uri, "an export name cannot contain a NUL character")
     if len(export_name.encode()) > p.MAX_STRING_BYTES:
