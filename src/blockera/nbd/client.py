@@ -981,9 +981,10 @@ def open_nbd(uri: str | NbdUri, *, writable: bool, connections: int = 1,
 
     `writable=True` fails at once if the server exports it read-only. `connections` > 1 opens
     that many connections when the server advertises NBD_FLAG_CAN_MULTI_CONN (one otherwise).
-    `connect_timeout_s` bounds connecting and the handshake; `reply_timeout_s` bounds the wait
-    for each reply (and any send that makes no progress) before the connection is declared
-    lost; `max_in_flight` is the number of requests one connection has outstanding at most."""
+    `connect_timeout_s` bounds connecting, and then the handshake; `reply_timeout_s` bounds
+    the wait for each reply (and any send that makes no progress) before the connection is
+    declared lost; `max_in_flight` is the number of requests one connection has outstanding at
+    most."""
     parsed = uri if isinstance(uri, NbdUri) else parse_nbd_uri(uri)
     if not 1 <= connections <= MAX_CONNECTIONS:
         raise UsageError(f"connections must be 1 to {MAX_CONNECTIONS}, not {connections}")
