@@ -24,6 +24,7 @@ See docs/nbd.md.
 """
 
 from blockera.errors import ListenError
+from blockera.nbd.client import NbdDevice, open_nbd
 from blockera.nbd.errors import RemoteBindRefusedError, UnknownExportError
 from blockera.nbd.exports import Export, ExportMap, ExportSource
 from blockera.nbd.limits import BlockLimits
@@ -31,4 +32,5 @@ from blockera.nbd.listeners import NBD_PORT
 from blockera.nbd.server import NbdServer, serve
 
 __all__ = ["BlockLimits", "Export", "ExportMap", "ExportSource", "ListenError", "NBD_PORT",
-           "NbdServer", "RemoteBindRefusedError", "UnknownExportError", "serve"]
+           "NbdDevice", "NbdServer", "RemoteBindRefusedError", "UnknownExportError", "open_nbd",
+           "serve"]
