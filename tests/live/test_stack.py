@@ -181,3 +181,24 @@ def test_activate_after_a_restart_and_continuity(engine: Engine, disks) -> None:
         assert state.load("vg-lv").epoch == 2
     finally:
         again.shutdown()
+
+
+def test_replication_to_an_nbd_mirror(engine: Engine, disks, tmp_path: Path) -> None:
+    from blockera.blockdev import FileDevice
+    from blockera.nbd import Export, serve
+
+    _lv(engine, disks["pv"])
+    state = StateDir(disks["state"])
+    record = track(engine, state, "/dev/mapper/vg-lv", str(disks["meta"]),
+                   engine_kind="userspace", block_sectors=BLOCK_SECTORS)
+    mirror = sparse_file(tmp_path / "remote.img", 8 * MiB)
+    server = serve({"mirror": Export(FileDevice(mirror))}, unix_path=tmp_path / "nbd.sock")
+    try:
+        uri = f"nbd+unix:///mirror?socket={tmp_path / 'nbd.sock'}"
+        assert replicate_once(engine, state, record, uri, scratch_dir=str(tmp_path)).full
+        _write(engine, "vg-lv", 12 * 65536, os.urandom(65536))
+        second = replicate_once(engine, state, record, uri, scratch_dir=str(tmp_path))
+        assert not second.full and second.bytes_copied == 65536
+    finally:
+        server.shutdown()
+    assert mirror.read_bytes() == engine.device("vg-lv").read(0, 8 * MiB)
