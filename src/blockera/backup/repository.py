@@ -278,6 +278,12 @@ class Repository:
 
     def save_blob(self, blob_type: BlobType, data: bytes | bytearray | memoryview) -> bytes:
         """Store a blob unless the repository already has it; returns its ID (SHA-256)."""
+        return self.store_blob(blob_type, data)[0]
+
+    def store_blob(self, blob_type: BlobType,
+                   data: bytes | bytearray | memoryview) -> tuple[bytes, bool]:
+        """`save_blob`, also saying whether the blob was new (stored by this call) or
+        already in the repository (or being stored)."""
         self._check_writable()
         if len(data) > MAX_BLOB_BYTES:
             raise ValueError(f"a blob of {len(data)} bytes is larger than a pack can describe "
@@ -288,7 +294,7 @@ class Repository:
         index = self.index
         with self._state:
             if key in self._pending or index.has(blob_id, blob_type):
-                return blob_id
+                return blob_id, False
             self._pending.add(key)
         if self._executor is None:
             try:
@@ -296,7 +302,7 @@ class Repository:
             except BaseException as exc:
                 self._fail(exc)
                 raise
-            return blob_id
+            return blob_id, True
         try:
             self._slots.acquire()
         except BaseException:  # interrupted while waiting: the blob was not taken
@@ -313,7 +319,7 @@ class Repository:
         with self._state:
             self._futures.add(future)
         future.add_done_callback(self._done)
-        return blob_id
+        return blob_id, True
 
     def save_tree(self, tree: Tree) -> bytes:
         return self.save_blob(BlobType.TREE, tree.encode())

@@ -34,7 +34,9 @@ def _register() -> None:
     from blockera.cli.era import era
     from blockera.cli.nbd import nbd
 
-    for command in (era, cow, dmsetup, daemon, dd, nbd):
+    from blockera.cli.backup import COMMANDS as backup_commands
+
+    for command in (era, cow, dmsetup, daemon, dd, nbd, *backup_commands):
         cli.add_command(command)
 
 
