@@ -9,9 +9,9 @@ them and takes every other chunk's blob ID from the parent snapshot (the latest 
 of the same source path and host, or the one named). Either way only blobs the repository
 lacks are stored; an all-zero chunk is one known blob, hashed once.
 
-The source is read ahead in large sequential reads by a background thread, hashed in this
-thread and compressed and encrypted by the repository's workers, with bounded memory. Writing
-follows the repository's order (packs, index, snapshot) under a non-exclusive repository lock,
+One backup of a source runs at a time (`source_lock`). The source is read ahead in large
+sequential reads by a background thread, hashed in this thread and compressed and encrypted
+by the repository's workers, with bounded memory. Writing follows the repository's order (packs, index, snapshot) under a non-exclusive repository lock,
 so a crash never leaves a snapshot pointing at missing data.
 """
 
@@ -39,6 +39,7 @@ from blockera.backup.node import Node
 from blockera.backup.read_ahead import ReadAhead
 from blockera.backup.repository import Repository
 from blockera.backup.snapshots import Snapshot
+from blockera.backup.source_lock import SourceLock
 from blockera.backup.tree import Tree
 from blockera.blockdev import BlockDevice
 from blockera.units import div_up
@@ -193,7 +194,18 @@ def run_backup(repo: Repository, device: BlockDevice, options: BackupOptions, *,
                on_progress: Callable[[int], None] | None = None,
                on_plan: Callable[[int], None] | None = None) -> BackupSummary:
     """Back up `device` into `repo` (see the module docstring). `on_plan(bytes_to_read)` is
-    called once the plan is known, `on_progress(bytes)` as chunks are read."""
+    called once the plan is known, `on_progress(bytes)` as chunks are read. Refused with
+    `SourceBusyError` while another backup of the same source runs (a dry run takes no
+    lock)."""
+    if options.dry_run:
+        return _run_backup(repo, device, options, on_progress, on_plan)
+    with SourceLock(options.source):
+        return _run_backup(repo, device, options, on_progress, on_plan)
+
+
+def _run_backup(repo: Repository, device: BlockDevice, options: BackupOptions,
+                on_progress: Callable[[int], None] | None,
+                on_plan: Callable[[int], None] | None) -> BackupSummary:
     started = time.monotonic()
     begin_time = options.time or GoTime.now()
     size_bytes = device.size_bytes

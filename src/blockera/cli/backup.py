@@ -210,7 +210,6 @@ def backup(source: str, repo: str | None, password_file: str | None, chunk_size:
     from blockera.backup.changes import EraChanges
     from blockera.backup.device_backup import (BackupOptions, CowSource, EraMetadataSource,
                                                JsonSource, run_backup)
-    from blockera.backup.source_lock import SourceLock
     from blockera.cli.files import open_for_reading
     from blockera.units import parse_size_bytes
 
@@ -259,14 +258,11 @@ def backup(source: str, repo: str | None, password_file: str | None, chunk_size:
                                 time=_parse_time(time_text) if time_text else None,
                                 dry_run=dry_run)
         bar = _Bar(f"backup {os.path.basename(source)}")
-        lock = None if dry_run else SourceLock(source).acquire()
         try:
             summary = run_backup(repository, device, options, on_plan=bar.total,
                                  on_progress=bar.update)
         finally:
             bar.close()
-            if lock is not None:
-                lock.release()
     finally:
         for item in reversed(opened):
             item.close()
