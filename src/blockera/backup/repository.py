@@ -251,21 +251,30 @@ class Repository:
         assert self._index is not None
         return self._index
 
-    def load_index(self) -> None:
+    def load_index(self, *, skip_damaged: bool = False) -> list[str]:
         """Read every index file into a fresh master index (plus the packs this process wrote
-        but has not indexed yet)."""
+        but has not indexed yet). With `skip_damaged` (for checking), an index file that
+        cannot be read is left out and its error returned instead of raised."""
         index = MasterIndex()
         files = []
+        skipped: list[str] = []
         for fi in sorted(self.backend.list(FileType.INDEX), key=lambda f: f.name):
             if not is_id_hex(fi.name):
                 continue
-            raw = self.load_unpacked(FileType.INDEX, fi.name)
-            files.append(IndexColumns.parse(raw, f"index {fi.name[:8]} in {self.location}"))
+            try:
+                raw = self.load_unpacked(FileType.INDEX, fi.name)
+                files.append(IndexColumns.parse(raw, f"index {fi.name[:8]} in "
+                                                     f"{self.location}"))
+            except RepositoryError as exc:
+                if not skip_damaged:
+                    raise
+                skipped.append(str(exc))
         index.add_index_files(files)
         with self._state:
             for pack_id, entries in self._unindexed:
                 index.add_pack(pack_id, entries)
             self._index = index
+        return skipped
 
     def has_blob(self, blob_id: bytes, blob_type: BlobType) -> bool:
         """Is the blob stored or being stored?"""

@@ -459,10 +459,14 @@ def check(repo: str | None, password_file: str | None, read_data: bool, as_json:
       blockera check -r /srv/backup --read-data
     """
     from blockera.backup.check import check_repository
+    from blockera.backup.locks import RepositoryLock
 
     repository = open_repository(repo, password_file)
     try:
-        with repository.lock():
+        # a non-exclusive lock (no prune runs meanwhile); index files that cannot be read
+        # are findings, not a reason to stop
+        with RepositoryLock(repository):
+            repository.load_index(skip_damaged=True)
             bar = _Bar("check", unit="B" if read_data else "packs")
             try:
                 report = check_repository(repository, read_data=read_data,
