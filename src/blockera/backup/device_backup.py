@@ -203,19 +203,20 @@ def run_backup(repo: Repository, device: BlockDevice, options: BackupOptions, *,
         return _run_backup(repo, device, options, on_progress, on_plan)
 
 
-def _run_backup(repo: Repository, device: BlockDevice, options: BackupOptions,
-                on_progress: Callable[[int], None] | None,
-                on_plan: Callable[[int], None] | None) -> BackupSummary:
-    started = time.monotonic()
-    begin_time = options.time or GoTime.now()
-    size_bytes = device.size_bytes
-    path = source_path(options.source)
-    if size_bytes <= 0:
-        raise BackupInputError(f"{options.source}: the source is empty (0 bytes)")
-    hostname = options.hostname if options.hostname is not None else socket.gethostname()
-    if options.chunk_bytes is not None:
-        check_chunk_bytes(options.chunk_bytes)
+@dataclass
+class _Plan:
+    parent: _Parent | None
+    incremental: bool
+    chunk_bytes: int
+    to_read: np.ndarray
+    content: list[bytes]
+    facts: DeviceFacts
+    summary: BackupSummary
 
+
+def _make_plan(repo: Repository, options: BackupOptions, size_bytes: int, path: str,
+               hostname: str) -> _Plan:
+    """Which parent, chunk size and chunks to read (nothing is read or written)."""
     parent = _find_parent(repo, options, path, hostname)
     incremental = options.changes is not None and not options.full
     changed: ChangedRanges | None = None
@@ -270,18 +271,40 @@ def _run_backup(repo: Repository, device: BlockDevice, options: BackupOptions,
         chunks_total=nr_chunks, chunks_reused=nr_chunks - len(to_read), chunks_read=len(to_read),
         chunks_new=0, bytes_read=bytes_to_read, bytes_new=0, bytes_stored=None, duration_s=0.0,
         dry_run=options.dry_run, changes=changed.description if changed is not None else "")
-    if on_plan is not None:
-        on_plan(bytes_to_read)
+    return _Plan(parent, incremental, chunk_bytes, to_read, content, facts, summary)
+
+
+def _run_backup(repo: Repository, device: BlockDevice, options: BackupOptions,
+                on_progress: Callable[[int], None] | None,
+                on_plan: Callable[[int], None] | None) -> BackupSummary:
+    started = time.monotonic()
+    begin_time = options.time or GoTime.now()
+    size_bytes = device.size_bytes
+    path = source_path(options.source)
+    if size_bytes <= 0:
+        raise BackupInputError(f"{options.source}: the source is empty (0 bytes)")
+    hostname = options.hostname if options.hostname is not None else socket.gethostname()
+    if options.chunk_bytes is not None:
+        check_chunk_bytes(options.chunk_bytes)
     if options.dry_run:
-        summary.duration_s = round(time.monotonic() - started, 3)
-        return summary
+        plan = _make_plan(repo, options, size_bytes, path, hostname)
+        if on_plan is not None:
+            on_plan(plan.summary.bytes_read)
+        plan.summary.duration_s = round(time.monotonic() - started, 3)
+        return plan.summary
 
     counter = repo.backend if isinstance(repo.backend, CountingBackend) else None
     stored_before = counter.stored_bytes() if counter is not None else 0
+    # the lock (which loads the index) comes first: the parent and its blobs are then looked
+    # up in an index no prune can change under us
     with repo.lock():
+        plan = _make_plan(repo, options, size_bytes, path, hostname)
+        summary, content = plan.summary, plan.content
+        if on_plan is not None:
+            on_plan(summary.bytes_read)
         zero_ids: dict[int, bytes] = {}
-        zero = bytes(chunk_bytes)
-        for i, view in ReadAhead(device, size_bytes, chunk_bytes, to_read):
+        zero = bytes(plan.chunk_bytes)
+        for i, view in ReadAhead(device, size_bytes, plan.chunk_bytes, plan.to_read):
             chunk = bytes(view)
             length = len(chunk)
             if chunk == zero[:length]:
@@ -302,9 +325,10 @@ def _run_backup(repo: Repository, device: BlockDevice, options: BackupOptions,
         node = Node.file(node_name(options.source), size_bytes, content, mode=0o600,
                          mtime=begin_time)
         tree_id = repo.save_tree(Tree([node]))
-        snapshot = Snapshot.new(tree_id, [path], tags=facts.tags(),
-                                parent=parent.snapshot.id if parent is not None and incremental
-                                else None, hostname=hostname, time=begin_time)
+        parent_id = plan.parent.snapshot.id if plan.parent is not None and plan.incremental \
+            else None
+        snapshot = Snapshot.new(tree_id, [path], tags=plan.facts.tags(), parent=parent_id,
+                                hostname=hostname, time=begin_time)
         snapshot_id = repo.save_snapshot(snapshot)
     summary.snapshot_id = snapshot_id.hex()
     if counter is not None:

@@ -150,6 +150,17 @@ class Repository:
             raise NotARepositoryError(f"{backend.location}: not a repository (there is no "
                                       "config file); create one with init")
         key_name, master = open_master_key(backend, password, key_hint)
+        return cls.open_with_key(backend, key_name, master, threads=threads,
+                                 pack_size_bytes=pack_size_bytes, compression=compression,
+                                 index_max_blobs=index_max_blobs, max_in_flight=max_in_flight)
+
+    @classmethod
+    def open_with_key(cls, backend: Backend, key_name: str, master: MasterKey, *,
+                      threads: int | None = None, pack_size_bytes: int = PACK_SIZE_BYTES,
+                      compression: bool = True, index_max_blobs: int = INDEX_MAX_BLOBS,
+                      max_in_flight: int | None = None) -> "Repository":
+        """Open a repository whose master key was already opened (`keys.open_master_key`, e.g.
+        in a thread while the caller was busy with something else)."""
         raw = backend.load(FileType.CONFIG, "")
         try:
             plain = master.decrypt(raw, f"{backend.location}: config")

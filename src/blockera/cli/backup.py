@@ -26,6 +26,9 @@ from blockera.errors import UsageError
 PASSWORD_ENV = "BLOCKERA_PASSWORD"
 PASSWORD_FILE_ENV = "BLOCKERA_PASSWORD_FILE"
 REPOSITORY_ENV = "BLOCKERA_REPOSITORY"
+BACKUP_THREADS = max(2, min(8, 2 * (os.cpu_count() or 1)))
+"""Compress/encrypt workers of a backup: twice the CPUs, so that a worker writing (and
+syncing) a full pack does not leave a CPU idle."""
 
 
 # -- shared options -----------------------------------------------------------------------------
@@ -60,13 +63,46 @@ def read_password(password_file: str | None, *, confirm: bool = False) -> str:
                      f"{PASSWORD_ENV}")
 
 
-def open_repository(location: str | None, password_file: str | None):  # type: ignore[no-untyped-def]
+def open_repository(location: str | None, password_file: str | None, *,  # type: ignore[no-untyped-def]
+                    preload: tuple[str, ...] = (), **options: Any):
+    """The repository, opened. The key is derived (scrypt, half a second by design) in a
+    thread while this one imports the repository code and the modules in `preload`."""
+    import importlib
+
+    from blockera.backup.backend import FileType
     from blockera.backup.counting import CountingBackend
+    from blockera.backup.errors import BackendError, NotARepositoryError
     from blockera.backup.location import backend_for
-    from blockera.backup.repository import Repository
 
     backend = CountingBackend(backend_for(location or ""))
-    return Repository.open(backend, read_password(password_file))
+    try:
+        has_config = backend.exists(FileType.CONFIG, "")
+    except BackendError as exc:
+        raise NotARepositoryError(f"{backend.location}: not a repository ({exc})") from None
+    if not has_config:
+        raise NotARepositoryError(f"{backend.location}: not a repository (there is no config "
+                                  "file); create one with `blockera init`")
+    password = read_password(password_file)
+    opened: dict[str, Any] = {}
+
+    def derive() -> None:
+        from blockera.backup.keys import open_master_key
+
+        try:
+            opened["key"] = open_master_key(backend, password)
+        except BaseException as exc:  # handed to the caller
+            opened["error"] = exc
+
+    worker = threading.Thread(target=derive, name="open key", daemon=True)
+    worker.start()
+    from blockera.backup.repository import Repository
+
+    for module in preload:
+        importlib.import_module(module)
+    worker.join()
+    if "error" in opened:
+        raise opened["error"]
+    return Repository.open_with_key(backend, *opened["key"], **options)
 
 
 def print_json(doc: object) -> None:
@@ -207,10 +243,6 @@ def backup(source: str, repo: str | None, password_file: str | None, chunk_size:
       blockera backup -r /srv/backup /dev/vg/data --era-metadata /dev/vg/era-meta \\
           --metadata-snapshot
     """
-    from blockera.backup.changes import EraChanges
-    from blockera.backup.device_backup import (BackupOptions, CowSource, EraMetadataSource,
-                                               JsonSource, run_backup)
-    from blockera.cli.files import open_for_reading
     from blockera.units import parse_size_bytes
 
     given = [x for x in (changed_file, era_metadata, cow) if x]
@@ -230,8 +262,15 @@ def backup(source: str, repo: str | None, password_file: str | None, chunk_size:
                              "with 'blockera' (blockera's own tags)")
     opened = []
     try:
-        repository = open_repository(repo, password_file)
+        repository = open_repository(repo, password_file, threads=BACKUP_THREADS,
+                                     preload=("blockera.backup.device_backup",
+                                              "blockera.cli.files"))
         opened.append(repository)
+        from blockera.backup.changes import EraChanges
+        from blockera.backup.device_backup import (BackupOptions, CowSource,
+                                                   EraMetadataSource, JsonSource, run_backup)
+        from blockera.cli.files import open_for_reading
+
         changes = None
         if changed_file:
             if changed_file == "-":
@@ -703,7 +742,10 @@ def mount(snapshot: str, repo: str | None, password_file: str | None, file_path:
             click.echo(f"blockera mount: serving snapshot {snap.short_id} {where} "
                        f"({'writable overlay' if writable else 'read-only'}) at "
                        f"{' and '.join(where_text)}", err=True)
-            stop.wait()
+            # wake up now and then: a signal delivered to another thread only runs its
+            # handler once the main thread runs Python code again
+            while not stop.wait(0.25):
+                pass
             server.shutdown()
             exported.close()
     finally:
