@@ -1,4 +1,4 @@
-"""Loading many data blobs in parallel, in order (docs/backup-repository.md §16.1): restore,
+"""Loading many data blobs in parallel, in order (docs/backup-repository.md §16): restore,
 dump and check hand a sequence of blobs to a few threads (reading a pack range, verifying
 the MAC, decrypting, decompressing and hashing all release the GIL) and get the results back
 in the order asked, with at most `window` blobs loaded or loading at a time. A blob that

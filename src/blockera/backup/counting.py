@@ -1,4 +1,4 @@
-"""A backend wrapper that counts what is written and read (docs/backup-repository.md §15.5:
+"""A backend wrapper that counts what is written and read (docs/backup-repository.md §15.1:
 the "stored" bytes of a backup's summary are the bytes its packs, index files and snapshot
 took in the repository)."""
 

@@ -1,4 +1,4 @@
-"""Every index file as written, pack by pack (docs/backup-repository.md §18.1): what `check`
+"""Every index file as written, pack by pack (docs/backup-repository.md §18): what `check`
 and `prune` need and the master index does not keep. The master index answers "where is blob
 X?" with one location and drops the others; a pack's size, its header and a rewritten index
 need every entry of every pack, including a blob stored twice. Entries are kept in numpy
