@@ -78,6 +78,9 @@ def test_bit_flip_in_a_blob(setup, tmp_path: Path) -> None:
     assert b"MAC verification failed" in r.stderr and b"Traceback" not in r.stderr
     r = cli.run("dump", snaps[0]["snapshot_id"], check=False)
     assert r.returncode == 1 and b"cannot be read" in r.stderr
+    r = cli.run("dump", snaps[0]["snapshot_id"], "--ignore-errors", check=False)
+    assert r.returncode == 1 and r.stdout == \
+        images[0][:3 * CHUNK] + bytes(CHUNK) + images[0][4 * CHUNK:]
 
     r = cli.run("restore", "latest", str(target), "--ignore-errors", "--json", check=False)
     assert r.returncode == 1

@@ -300,3 +300,8 @@ def test_forget_removes_and_restic_agrees(tmp_path: Path) -> None:
     assert all(g["host"] == "alpha" for g in result["groups"])
     r = cli.run("forget", check=False)
     assert r.returncode == 2 and b"no policy" in r.stderr
+    named = sorted(remaining)[:2]
+    gone = cli.json("forget", named[0][:10], named[1])["removed"]
+    assert sorted(gone) == named
+    left = {s["id"] for s in json.loads(Restic(root).run("snapshots", "--json").stdout)}
+    assert left == remaining - set(named)

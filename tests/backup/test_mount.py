@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,8 @@ from .helpers import PASSWORD, tree_listing
 from .jobs import KiB, MiB, Cli, image_bytes, make_repo
 
 
-def _mount(cli: Cli, *args: str) -> subprocess.Popen:
+def _mount(cli: Cli, *args: str) -> tuple[subprocess.Popen, str]:
+    """The mount process, once serving, and the line saying where."""
     proc = subprocess.Popen([sys.executable, "-m", "blockera", "mount", *args],
                             env=cli.env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
@@ -35,7 +37,7 @@ def _mount(cli: Cli, *args: str) -> subprocess.Popen:
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline
         line = proc.stderr.readline()
-    return proc
+    return proc, line.decode()
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -58,7 +60,7 @@ def test_nbd_clients_read_a_mounted_snapshot(backed_up, tmp_path: Path) -> None:
     cli, image = backed_up
     before = tree_listing(cli.repo)
     sock = tmp_path / "m.sock"
-    proc = _mount(cli, "latest", "--unix", str(sock), "--cache-size", "1M")
+    proc, _ = _mount(cli, "latest", "--unix", str(sock), "--cache-size", "1M")
     try:
         uri = f"nbd+unix:///vm.img?socket={sock}"
         info = json.loads(subprocess.run(["nbdinfo", "--json", uri], capture_output=True,
@@ -82,10 +84,15 @@ def test_writable_overlay_never_writes_the_repository(backed_up, tmp_path: Path)
     sock = tmp_path / "w.sock"
     new = image_bytes(len(image), seed=101)
     (tmp_path / "new.img").write_bytes(new)
-    for overlay in ([], ["--overlay", str(tmp_path)]):
-        proc = _mount(cli, "latest", "--unix", str(sock), "--writable", *overlay)
+    for where, overlay in ((["--unix", str(sock)], []),
+                           (["--tcp", "0"], ["--overlay", str(tmp_path)])):
+        proc, line = _mount(cli, "latest", *where, "--writable", *overlay)
         try:
-            uri = f"nbd+unix:///?socket={sock}"
+            if where[0] == "--unix":
+                uri = f"nbd+unix:///?socket={sock}"
+            else:                           # "... at nbd://127.0.0.1:PORT/vm.img"
+                uri = line.split(" at ")[-1].strip()
+                assert re.fullmatch(r"nbd://127\.0\.0\.1:\d+/vm\.img", uri), line
             subprocess.run(["nbdcopy", str(tmp_path / "new.img"), uri], check=True)
             subprocess.run(["nbdcopy", uri, str(tmp_path / "back.img")], check=True)
             assert (tmp_path / "back.img").read_bytes() == new
