@@ -13,6 +13,8 @@
    with the changed data, not the device (goal: at most 1.3x the 2 GiB time).
 4. Restore of the latest 2 GiB snapshot: `restic restore` against `blockera restore` into a new
    file. Goal: at least restic's throughput.
+   With --cold the incrementals are also timed with the page cache dropped before each run,
+   as when a device's blocks are not cached: restic then reads the whole image from disk.
 5. Peak memory (GNU time's max RSS) of blockera's full and incremental backups at 2 and 8 GiB,
    extrapolated linearly to 64 GiB.
 
@@ -89,6 +91,13 @@ def rewrite_chunks(path: Path, count: int, seed: int) -> list[int]:
     return picked
 
 
+def drop_caches() -> None:
+    """Write back and drop the page cache (root only), so the next run reads from disk."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
 def changed_json(path: Path, chunks: list[int]) -> None:
     path.write_text(json.dumps({"chunk_size": MiB // 512, "valid": True,
                                 "ranges": [[c, c + 1] for c in chunks]}))
@@ -142,6 +151,9 @@ def main() -> None:
     parser.add_argument("--small-gib", type=int, default=2)
     parser.add_argument("--large-gib", type=int, default=8)
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--cold", action="store_true",
+                        help="also time the incrementals with the page cache dropped before "
+                             "each run (root only): the source is read from the disk")
     args = parser.parse_args()
     if shutil.which("restic") is None:
         sys.exit("restic is not installed (apt-get install restic)")
@@ -197,6 +209,24 @@ def main() -> None:
         ri = statistics.median(m.seconds for m in restic_inc)
         bi = statistics.median(m.seconds for m in our_inc)
         li = statistics.median(m.seconds for m in big_inc)
+        if args.cold:
+            cold_restic, cold_ours = [], []
+            for k in range(args.rounds):
+                picked = rewrite_chunks(small, 20, seed=300 + k)
+                changed_json(args.scratch / "changed.json", picked)
+                drop_caches()
+                cold_restic.append(measure(tools.restic(r_repo, "backup", str(small))))
+                drop_caches()
+                cold_ours.append(measure(tools.blockera(b_repo, "backup", str(small),
+                                                        "--changed",
+                                                        str(args.scratch / "changed.json"))))
+            cr = statistics.median(m.seconds for m in cold_restic)
+            cb = statistics.median(m.seconds for m in cold_ours)
+            rows.append({"operation": "incremental, cold page cache", "restic_s": round(cr, 2),
+                         "blockera_s": round(cb, 2), "restic_MBps": "", "blockera_MBps": "",
+                         "speedup": _ratio(cr, cb),
+                         "blockera_rss_mb": round(max(m.max_rss_mb for m in cold_ours), 1)})
+            extra["incremental_cold_speedup"] = _ratio(cr, cb)
         rows.append({"operation": f"incremental, 20 of {args.small_gib * 1024} chunks changed",
                      "restic_s": round(ri, 2), "blockera_s": round(bi, 2), "restic_MBps": "",
                      "blockera_MBps": "", "speedup": _ratio(ri, bi),
