@@ -18,7 +18,6 @@ byte range, unless `ignore_errors`: then zeros are written there and the ranges 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -35,8 +34,13 @@ from blockera.errors import DeviceError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_SYNC_FILE_RANGE_WRITE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)     # the C library the interpreter runs on
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                  ctypes.c_uint]
+WRITEBACK_STEP_BYTES = 32 << 20
+"""A restore starts writing back each 32 MiB it wrote, so the final flush has little left."""
 
 
 @dataclass
@@ -84,6 +88,24 @@ def zero_ids(layout: ContentLayout) -> dict[bytes, int]:
     lengths = {layout.uniform_chunk_bytes, layout.size_bytes - (len(layout) - 1)
                * layout.uniform_chunk_bytes}
     return {hash_id(bytes(n)): n for n in lengths if n > 0}
+
+
+class _Writeback:
+    """Starts the kernel writing back what was written so far, a step at a time
+    (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: it does not wait), on files and block devices
+    opened through a file descriptor; elsewhere it does nothing."""
+
+    def __init__(self, device: BlockDevice) -> None:
+        self.fd = device.fileno() if isinstance(device, FileDevice) else None
+        self.started_to = 0
+
+    def wrote_up_to(self, offset_bytes: int) -> None:
+        if self.fd is None or offset_bytes - self.started_to < WRITEBACK_STEP_BYTES:
+            return
+        if _libc.sync_file_range(self.fd, self.started_to, offset_bytes - self.started_to,
+                                 _SYNC_FILE_RANGE_WRITE) != 0:
+            self.fd = None          # not supported here: the final flush does it all
+        self.started_to = offset_bytes
 
 
 def punch_hole(device: BlockDevice, offset_bytes: int, length_bytes: int) -> None:
@@ -197,6 +219,7 @@ def restore_to_device(repo: Repository, layout: ContentLayout, target: RestoreTa
             result.bytes_written += end - begin
 
     actions = [action for _, action in _plan(layout, delta_from, zero_ids(layout))]
+    writeback = _Writeback(device)
     items = ((i, layout.ids[i] if actions[i] == "fetch" else None,
               layout.range_of(i)[1] - layout.range_of(i)[0]) for i in range(len(layout)))
     for i, data in BlobFetcher[int](repo, threads=threads).fetch(items):
@@ -224,6 +247,7 @@ def restore_to_device(repo: Repository, layout: ContentLayout, target: RestoreTa
                 device.write(begin, data)
                 result.chunks_written += 1
                 result.bytes_written += len(data)
+        writeback.wrote_up_to(end)
         if on_progress:
             on_progress(end - begin)
     device.flush()
