@@ -272,7 +272,9 @@ def _parse_time(text: str):  # type: ignore[no-untyped-def]
                    "parent recorded).")
 @click.option("--metadata-snapshot", is_flag=True,
               help="With --era-metadata: read the held metadata snapshot.")
-@click.option("--cow", metavar="COW", help="A COW store whose exceptions are the changes.")
+@click.option("--cow", metavar="COW",
+              help="A COW store whose exceptions are the changes; for a tracked device: the "
+                   "file or device to hold the snapshot's copies (default: a scratch file).")
 @click.option("--full", is_flag=True,
               help="Read everything even with a change source (which then only records its "
                    "position for the next incremental).")
@@ -282,16 +284,35 @@ def _parse_time(text: str):  # type: ignore[no-untyped-def]
 @click.option("-n", "--dry-run", is_flag=True,
               help="Only say what would be read and reused; read and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--state-dir", type=click.Path(file_okay=False), envvar="BLOCKERA_STATE_DIR",
+              help="Tracked devices' records (default /var/lib/blockera; $BLOCKERA_STATE_DIR): "
+                   "a tracked SOURCE is backed up from a snapshot, incrementally.")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False),
+              help="Engine daemon socket of a tracked device on the userspace engine "
+                   "(default: the one recorded).")
+@click.option("--scratch-dir", type=click.Path(file_okay=False),
+              help="Tracked device: where the scratch COW file goes (default: the temporary "
+                   "directory).")
+@click.option("--verify-sample", "verify_percent", type=click.FloatRange(0, 100), default=1.0,
+              show_default=True, metavar="PERCENT",
+              help="Tracked device: compare this share of the chunks tracking calls unchanged "
+                   "with the parent; a difference makes the backup read everything.")
 def backup(source: str, repo: RepositoryArgs, chunk_size: str | None,
            host: str | None, parent: str | None, changed_file: str | None,
            era_metadata: str | None, since: int | None, metadata_snapshot: bool,
            cow: str | None, full: bool, tags: tuple[str, ...], time_text: str | None,
-           dry_run: bool, as_json: bool) -> None:
+           dry_run: bool, as_json: bool, state_dir: str | None, socket_path: str | None,
+           scratch_dir: str | None, verify_percent: float) -> None:
     """Back up SOURCE (an image file, a block device or /dev/mapper/NAME).
 
     Without change options the whole source is read (only blobs the repository lacks are
     stored). With --changed, --era-metadata or --cow only the chunks covering the changed
     ranges are read; everything else comes from the parent snapshot.
+
+    A device tracked with `blockera track` needs no change options: it is frozen in a
+    snapshot for the backup, the blocks written since its last backup into this repository
+    are read from the snapshot, and a full read is made (and the reason given) whenever
+    tracking cannot vouch for the changes.
 
     \b
     Example:
@@ -299,10 +320,17 @@ def backup(source: str, repo: RepositoryArgs, chunk_size: str | None,
       blockera dmsetup message era 0 take_metadata_snap
       blockera backup -r /srv/backup /dev/vg/data --era-metadata /dev/vg/era-meta \\
           --metadata-snapshot
+      blockera backup -r /srv/backup /dev/mapper/vg-data      # tracked: consistent
     """
     tune_malloc()
+    from blockera.live.state import StateDir
     from blockera.units import parse_size_bytes
 
+    state = StateDir(state_dir)
+    tracked = state.tracked_name(source)
+    if tracked is None and (socket_path or scratch_dir):
+        raise UsageError(f"--socket and --scratch-dir are for tracked devices, and {source} is "
+                         f"not tracked (no record in {state.devices})")
     given = [x for x in (changed_file, era_metadata, cow) if x]
     if len(given) > 1:
         raise UsageError("give one change source: --changed, --era-metadata or --cow")
@@ -318,6 +346,20 @@ def backup(source: str, repo: RepositoryArgs, chunk_size: str | None,
         if not tag or "," in tag or tag.startswith("blockera"):
             raise UsageError(f"--tag {tag!r}: a tag may not be empty, contain a comma or start "
                              "with 'blockera' (blockera's own tags)")
+    if tracked is not None:
+        refused = [name for name, value in (("--changed", changed_file),
+                                            ("--era-metadata", era_metadata),
+                                            ("--parent", parent), ("--full", full),
+                                            ("--time", time_text), ("--dry-run", dry_run))
+                   if value]
+        if refused:
+            raise UsageError(f"{source} is a tracked device: its changes come from its own "
+                             f"tracking, so {', '.join(refused)} cannot be given")
+        _backup_tracked(state, tracked, repo, chunk_bytes=chunk_bytes, host=host,
+                        tags=list(tags), cow=cow, scratch_dir=scratch_dir,
+                        socket_path=socket_path, verify_percent=verify_percent,
+                        as_json=as_json)
+        return
     opened = []
     try:
         repository = open_repository(repo, threads=BACKUP_THREADS,
@@ -366,6 +408,10 @@ def backup(source: str, repo: RepositoryArgs, chunk_size: str | None,
     if as_json:
         print_json(summary.as_json())
         return
+    _print_summary(summary)
+
+
+def _print_summary(summary) -> None:  # type: ignore[no-untyped-def]
     kind = "full" if summary.made_from == "full" else f"incremental ({summary.made_from})"
     if summary.dry_run:
         click.echo(f"would back up {summary.source}: {kind}, {summary.chunks_total} chunks of "
@@ -381,6 +427,44 @@ def backup(source: str, repo: RepositoryArgs, chunk_size: str | None,
     stored = human_bytes(summary.bytes_stored) if summary.bytes_stored is not None else "?"
     click.echo(f"  read {human_bytes(summary.bytes_read)}, new {human_bytes(summary.bytes_new)}, "
                f"stored {stored}, in {summary.duration_s:.2f} s")
+
+
+def _backup_tracked(state, name: str, repo: RepositoryArgs, *,  # type: ignore[no-untyped-def]
+                    chunk_bytes: int | None, host: str | None, tags: list[str],
+                    cow: str | None, scratch_dir: str | None, socket_path: str | None,
+                    verify_percent: float, as_json: bool) -> None:
+    """A tracked device, backed up from a snapshot (docs/live-devices.md §6)."""
+    from blockera.live.backup import backup_tracked
+    from blockera.live.engines import open_engine
+
+    record = state.load(name)
+    engine = open_engine(record.engine, socket_path or record.socket)
+    repository = open_repository(repo, threads=BACKUP_THREADS,
+                                 preload=("blockera.backup.device_backup",))
+    try:
+        with state.locked(name):
+            record = state.load(name)
+            bar = _Bar(f"backup {name}")
+            try:
+                result = backup_tracked(repository, repository.config.id, engine, state,
+                                        record, hostname=host, chunk_bytes=chunk_bytes,
+                                        tags=tags, cow=cow, scratch_dir=scratch_dir,
+                                        verify_percent=verify_percent, on_plan=bar.total,
+                                        on_progress=bar.update)
+            finally:
+                bar.close()
+    finally:
+        repository.close()
+    if as_json:
+        doc = result.summary.as_json()
+        doc["tracked"] = {"full": result.full, "reason": result.reason,
+                          "verified_chunks": result.verified_chunks}
+        print_json(doc)
+        return
+    click.echo(f"{name}: {result.reason}"
+               + (f" (verified {result.verified_chunks} unchanged chunks)"
+                  if result.verified_chunks else ""), err=True)
+    _print_summary(result.summary)
 
 
 # -- snapshots ----------------------------------------------------------------------------------
