@@ -177,7 +177,8 @@ def copy(snapshot_refs: tuple[str, ...], repo: RepositoryArgs, from_repo: str | 
         return
     doc = result.as_json()
     verb = "would copy" if dry_run else "copied"
-    click.echo(f"{verb} {doc['copied']} snapshots ({doc['data_blobs']} data blobs, "
+    plural = "" if doc["copied"] == 1 else "s"
+    click.echo(f"{verb} {doc['copied']} snapshot{plural} ({doc['data_blobs']} data blobs, "
                f"{human_bytes(doc['data_bytes'])}; {doc['tree_blobs']} trees), skipped "
                f"{doc['skipped']} already in {target.location}"
                + ("" if dry_run else f"; stored {human_bytes(doc['bytes_stored'] or 0)} in "

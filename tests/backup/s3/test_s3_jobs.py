@@ -182,7 +182,7 @@ main(sys.argv[1:])
 gives up on an endpoint, which the backend tests cover)."""
 
 
-def test_wrong_credentials_and_unreachable_endpoint_exit_2(radosgw: RadosGW, bucket: str,
+def test_wrong_credentials_missing_bucket_and_unreachable_endpoint_exit_2(radosgw: RadosGW, bucket: str,
                                                            tmp_path: Path) -> None:
     url = new_s3_repo(s3_url(radosgw, bucket))
     cli = s3_cli(url, tmp_path)
@@ -194,6 +194,8 @@ def test_wrong_credentials_and_unreachable_endpoint_exit_2(radosgw: RadosGW, buc
     assert "AWS_SECRET_ACCESS_KEY" in r.stderr.decode() and "Traceback" not in r.stderr.decode()
     r = cli.run("snapshots", check=False, env={"AWS_ACCESS_KEY_ID": "NOSUCHKEY"})
     assert r.returncode == 2 and "AWS_ACCESS_KEY_ID" in r.stderr.decode()
+    r = cli.run("snapshots", "-r", s3_url(radosgw, f"{bucket}-missing"), check=False)
+    assert r.returncode == 2 and "does not exist" in r.stderr.decode(), r.stderr.decode()
     nowhere = f"s3:http://127.0.0.1:{free_port()}/{bucket}"
     r = subprocess.run([sys.executable, "-c", _FAST_FAILING, "snapshots", "-r", nowhere],
                        env=cli.env, capture_output=True, timeout=60)
