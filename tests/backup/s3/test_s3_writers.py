@@ -218,6 +218,8 @@ def test_four_writers_and_a_prune_over_random_rounds(radosgw: RadosGW, bucket: s
         assert image_digests(url) == fleet.expected, rnd_no
         copies = stored_copies(url)
         assert all(copies[i] == 1 for i in pool_ids), rnd_no
+        print(f"round {rnd_no + 1}/{ROUNDS} passed: {len(fleet.expected)} snapshots, "
+              f"{len(copies)} data blobs, {dict(sorted(fleet.outcomes.items()))}", flush=True)
 
     # alone, prune (max-unused 0) leaves every blob stored once
     cli.json("prune", "--max-unused", "0")
