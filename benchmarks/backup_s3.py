@@ -9,6 +9,14 @@
    saved into a repository on radosgw (`Repository.save_blob` + `flush`), blockera vs
    `restic backup --stdin` of the same bytes to the same radosgw, alternating; throughput and
    the ratio.
+3. `jobs`: the commands, as an operator runs them: `blockera backup IMAGE -r s3:...` against
+   `restic backup IMAGE` of the same `--image-mib` MiB image (half-compressible, no two 1 MiB
+   chunks alike, as benchmarks/backup.py) into the same radosgw, each into a fresh bucket per
+   round, both repositories with restic's calibrated scrypt parameters; then an incremental
+   after rewriting 1 % of the 1 MiB chunks (restic re-reads the file; blockera is given the
+   changed ranges as `--changed` JSON). Whole commands timed (start-up, key derivation,
+   locks), alternating; medians. Goal: blockera's full backup at least 1.2x restic's
+   throughput.
 
 A one-node cluster is started for the run under a temporary directory (Debian packages
 radosgw ceph-mon ceph-osd). Nothing here runs in the test suite.
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -268,10 +277,75 @@ def compare_repository(rgw: RadosGW, workdir: Path, size_mib: int, rounds: int,
     return [row]
 
 
+# -- 3. jobs ------------------------------------------------------------------------------
+
+def compare_jobs(rgw: RadosGW, workdir: Path, image_mib: int, rounds: int,
+                 connections: int) -> list[dict]:
+    from backup import changed_json, rewrite_chunks, write_image
+    from common import measure
+
+    url = f"s3:{rgw.endpoint}/" + "{}"
+    env = {**os.environ, "RESTIC_PASSWORD": PASSWORD, "BLOCKERA_PASSWORD": PASSWORD,
+           "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+           "BLOCKERA_LOCK_DIR": str(workdir / "locks"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    os.environ.update(env)
+    image = workdir / "disk.img"
+    write_image(image, image_mib * MiB, seed=1)
+
+    def restic(bucket: str, *args: str) -> list[str]:
+        return ["restic", "--no-cache", "-q", "-o", f"s3.connections={connections}", "-r",
+                url.format(bucket), *args]
+
+    def blockera(bucket: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", "blockera", *args[:1], "-r", url.format(bucket),
+                "--connections", str(connections), *args[1:]]
+
+    full: dict[str, list[float]] = {"restic": [], "blockera": []}
+    inc: dict[str, list[float]] = {"restic": [], "blockera": []}
+    for i in range(rounds):
+        write_image(image, image_mib * MiB, seed=1)      # the same image every round
+        subprocess.run(restic(f"jobs-restic-{i}", "init"), env=env, check=True,
+                       capture_output=True)
+        probe = S3Backend.from_url(url.format(f"jobs-restic-{i}"), access_key_id=ACCESS_KEY,
+                                   secret_access_key=SECRET_KEY)
+        key = json.loads(probe.load(FileType.KEY, next(probe.list(FileType.KEY)).name))
+        params = KdfParams(key["N"], key["r"], key["p"])
+        Repository.init(S3Backend.from_url(url.format(f"jobs-blockera-{i}"),
+                                           access_key_id=ACCESS_KEY,
+                                           secret_access_key=SECRET_KEY),
+                        PASSWORD, kdf_params=params).close()
+        full["restic"].append(measure(restic(f"jobs-restic-{i}", "backup",
+                                             str(image))).seconds)
+        full["blockera"].append(measure(blockera(f"jobs-blockera-{i}", "backup",
+                                                 str(image))).seconds)
+        changed = rewrite_chunks(image, max(1, image_mib // 100), seed=100 + i)
+        changed_json(workdir / "changed.json", changed)
+        inc["restic"].append(measure(restic(f"jobs-restic-{i}", "backup",
+                                            str(image))).seconds)
+        inc["blockera"].append(measure(blockera(f"jobs-blockera-{i}", "backup", str(image),
+                                                "--changed",
+                                                str(workdir / "changed.json"))).seconds)
+        print(f"round {i + 1}: full restic {full['restic'][-1]:.2f} s, blockera "
+              f"{full['blockera'][-1]:.2f} s; incremental restic {inc['restic'][-1]:.2f} s, "
+              f"blockera {inc['blockera'][-1]:.2f} s", flush=True)
+    rows = []
+    for name, runs in ((f"full backup, {image_mib} MiB", full),
+                       (f"incremental, {max(1, image_mib // 100)} of {image_mib} chunks "
+                        "rewritten", inc)):
+        r_t, b_t = statistics.median(runs["restic"]), statistics.median(runs["blockera"])
+        rows.append({"operation": name, "restic_s": round(r_t, 2), "blockera_s": round(b_t, 2),
+                     "restic_MBps": round(image_mib * MiB / r_t / 1e6, 1),
+                     "blockera_MBps": round(image_mib * MiB / b_t / 1e6, 1),
+                     "speedup": round(r_t / b_t, 2)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", nargs="*",
-                    help="clients and/or repository (default: both)")
+                    help="clients, repository and/or jobs (default: all)")
+    ap.add_argument("--image-mib", type=int, default=1024, help="jobs: image size (1024)")
     ap.add_argument("--size-mib", type=int, default=256, help="repository data (default 256)")
     ap.add_argument("--objects", type=int, default=16, help="16 MiB objects per round")
     ap.add_argument("--small-objects", type=int, default=200, help="4 KiB objects per round")
@@ -280,15 +354,17 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None,
                     help="scratch directory for the cluster (default: a temporary one)")
     args = ap.parse_args()
-    args.what = args.what or ["clients", "repository"]
-    if set(args.what) - {"clients", "repository"}:
-        ap.error("the comparisons are: clients, repository")
+    args.what = args.what or ["clients", "repository", "jobs"]
+    if set(args.what) - {"clients", "repository", "jobs"}:
+        ap.error("the comparisons are: clients, repository, jobs")
     missing = missing_binaries()
     if missing:
         sys.exit(f"missing {', '.join(missing)}: apt-get install --no-install-recommends "
                  "radosgw ceph-mon ceph-osd")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        memstore = max(4 << 30, (args.size_mib * 2 * args.rounds + 64 * args.objects) * MiB)
+        memstore = max(4 << 30, (args.size_mib * 2 * args.rounds + 64 * args.objects
+                                 + (args.image_mib * 3 * args.rounds
+                                    if "jobs" in args.what else 0)) * MiB)
         with RadosGW(Path(tmp) / "ceph", memstore_bytes=memstore) as rgw:
             rgw.create_user("bench", ACCESS_KEY, SECRET_KEY)
             extra = {"cpus": os.cpu_count(), "cluster_start_s": round(rgw.startup_s, 2),
@@ -301,6 +377,10 @@ def main() -> None:
                 report("backup s3 repository: save_blob + flush vs restic backup --stdin",
                        compare_repository(rgw, Path(tmp), args.size_mib, args.rounds,
                                           args.connections), extra)
+            if "jobs" in args.what:
+                report("backup s3 jobs: blockera backup vs restic backup of one image",
+                       compare_jobs(rgw, Path(tmp), args.image_mib, args.rounds,
+                                    args.connections), extra)
 
 
 if __name__ == "__main__":

@@ -242,3 +242,20 @@ def test_engine_devices_as_source_and_target(daemon, cli: Cli, tmp_path: Path) -
     assert r.returncode == 1
     assert b"/dev/mapper/small is 1048576 bytes, smaller than the image (6291456" in r.stderr
     assert small.read_bytes() == bytes(MiB)
+
+
+def test_a_file_of_uneven_blobs_is_not_taken_for_uniform_chunks(tmp_path: Path) -> None:
+    """A file restic stored (content-defined chunks, no blockera tags) whose blob count happens
+    to equal size / first blob's length, rounded up: restored from the blobs' real lengths."""
+    from blockera.backup import BlobType, Node, Snapshot, Tree
+
+    from .helpers import new_repo
+
+    parts = [os.urandom(1000), os.urandom(600), os.urandom(600)]   # 3 == ceil(2200 / 1000)
+    repo = new_repo(tmp_path / "repo")
+    with repo.lock(recheck_delay_s=0.01):
+        ids = [repo.save_blob(BlobType.DATA, p) for p in parts]
+        root = repo.save_tree(Tree([Node.file("f.img", 2200, ids)]))
+        repo.save_snapshot(Snapshot.new(root, ["/f.img"]))
+    repo.close()
+    assert snapshot_image(tmp_path / "repo") == b"".join(parts)

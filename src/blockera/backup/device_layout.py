@@ -222,11 +222,6 @@ def content_layout(repo: Repository, node: Node, facts: DeviceFacts | None,
     ids = list(node.content or [])
     n = len(ids)
     chunk = facts.chunk_bytes if facts is not None else None
-    if chunk is None and n >= 2:
-        # tags replaced: the first blob's length is the chunk size if the node is uniform
-        first = blob_plaintext_bytes(repo, ids[0])
-        if first and -(-node.size // first) == n:
-            chunk = first
     if chunk and n == -(-node.size // chunk) and (n == 0 or node.size > (n - 1) * chunk):
         offsets = np.minimum(np.arange(n + 1, dtype=np.int64) * chunk, node.size)
         return ContentLayout(ids, offsets, chunk)
@@ -243,4 +238,9 @@ def content_layout(repo: Repository, node: Node, facts: DeviceFacts | None,
     if int(offsets[-1]) != node.size:
         raise DamagedBackupError(f"{what}: its blobs hold {int(offsets[-1])} bytes, the file "
                                  f"node says {node.size}")
+    # without blockera's tags (restic's file, or tags replaced) the blobs are uniform only if
+    # their lengths say so: a guess from the first blob can be fooled by restic's
+    # content-defined chunks, whose count can happen to match
+    if n >= 2 and (lengths[:-1] == lengths[0]).all() and 0 < lengths[-1] <= lengths[0]:
+        return ContentLayout(ids, offsets, int(lengths[0]))
     return ContentLayout(ids, offsets)

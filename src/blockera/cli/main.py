@@ -27,6 +27,7 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from blockera.cli.copy import copy
     from blockera.cli.cow import cow
     from blockera.cli.daemon import daemon
     from blockera.cli.dd import dd
@@ -37,8 +38,8 @@ def _register() -> None:
 
     from blockera.cli.backup import COMMANDS as backup_commands
 
-    for command in (era, cow, dmsetup, daemon, dd, nbd, *backup_commands, track, activate,
-                    untrack, status, replicate, mark, invalidate):
+    for command in (era, cow, dmsetup, daemon, dd, nbd, *backup_commands, copy, track,
+                    activate, untrack, status, replicate, mark, invalidate):
         cli.add_command(command)
 
 
