@@ -114,27 +114,14 @@ class BlockManager:
 
 
     def flush(self) -> None:
-        """Write every dirty block (ascending; consecutive blocks in one write), then flush
-        the device."""
-        run: list[bytearray] = []
-        run_start = 0
+        """Write every dirty block (ascending), then flush the device."""
         for location in sorted(self._dirty):
             buf, validator = self._dirty[location]
             validator.prepare(location, buf)
-            if run and location != run_start + len(run):
-                self._write_run(run_start, run)
-                run = []
-            if not run:
-                run_start = location
-            run.append(buf)
+            self.dev.write(location * BLOCK, buf)
             self._remember(location, bytes(buf), validator)
-        if run:
-            self._write_run(run_start, run)
         self._dirty.clear()
         self.dev.flush()
-
-    def _write_run(self, location: int, blocks: list[bytearray]) -> None:
-        self.dev.write(location * BLOCK, blocks[0] if len(blocks) == 1 else b"".join(blocks))
 
     def write_now(self, location: int, validator: Validator, buf: bytearray) -> None:
         """Stamp and write one block immediately, then flush (the superblock at commit)."""
