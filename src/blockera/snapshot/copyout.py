@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 
 # Bound on the bytes one copy moves at a time (a run of consecutive chunks is split).
 COPY_PIECE_BYTES = 4 << 20
-# Bound on the bytes of old chunks read ahead of their COW writes in one round.
+# Bound on the bytes of old chunks read ahead of one COW write.
 READ_AHEAD_BYTES = 16 << 20
+# Old chunks are read by several threads when a COW write gathers at least this much.
+PARALLEL_READ_BYTES = 1 << 20
 
 
 def _takes_copy_outs(snap: OriginSnapshot, sector: int) -> bool:
@@ -190,8 +192,10 @@ def copy_runs(snap: OriginSnapshot, pairs: list[tuple[int, int]],
               read_pool: ThreadPoolExecutor | None = None) -> None:
     """Copy the origin chunks of `pairs` (old, new) to their COW chunks, run by run (a run is
     consecutive in both fields), in pieces of at most COPY_PIECE_BYTES. Sectors past the
-    origin's end are not copied. With `read_pool`, the old data of up to READ_AHEAD_BYTES of
-    pieces is read in parallel before those pieces are written."""
+    origin's end are not copied. Pieces that follow one another in the COW (a batch's chunks
+    are allocated consecutively) are written together, up to READ_AHEAD_BYTES at a time; with
+    `read_pool`, the old data of such a group is read in parallel when it is at least
+    PARALLEL_READ_BYTES (below that, handing reads to threads costs more than it saves)."""
     cb = snap.chunk_sectors * SECTOR_BYTES
     origin, cow = snap.origin.dev, snap.cow.dev
     origin_bytes = origin.size_bytes
@@ -207,18 +211,17 @@ def copy_runs(snap: OriginSnapshot, pairs: list[tuple[int, int]],
             pieces.append((offset, min(COPY_PIECE_BYTES, end - offset),
                            new * cb + (offset - start)))
         i += n
-    if read_pool is None or len(pieces) < 2:
-        for offset, length, cow_offset in pieces:
-            cow.write(cow_offset, origin.read(offset, length))
-        return
     first = 0
     while first < len(pieces):
-        last, size = first, 0
-        while last < len(pieces) and (last == first or size + pieces[last][1] <= READ_AHEAD_BYTES):
+        last, size = first + 1, pieces[first][1]
+        while (last < len(pieces) and size + pieces[last][1] <= READ_AHEAD_BYTES
+               and pieces[last][2] == pieces[last - 1][2] + pieces[last - 1][1]):
             size += pieces[last][1]
             last += 1
         group = pieces[first:last]
-        datas = read_pool.map(lambda p: origin.read(p[0], p[1]), group)
-        for (_, _, cow_offset), data in zip(group, datas):
-            cow.write(cow_offset, data)
+        if read_pool is not None and len(group) > 1 and size >= PARALLEL_READ_BYTES:
+            datas = list(read_pool.map(lambda p: origin.read(p[0], p[1]), group))
+        else:
+            datas = [origin.read(offset, length) for offset, length, _ in group]
+        cow.write(group[0][2], datas[0] if len(datas) == 1 else b"".join(datas))
         first = last
