@@ -61,9 +61,9 @@ class _Call:
 class _Worker:
     """Runs the passes over the metadata, one at a time. Background work (digestion steps,
     calls) runs on the worker thread; a pass for waiting writes runs on a waiting writer that
-    finds no pass in progress (group commit: the pass carries every write queued when it
-    starts; writes that arrive meanwhile wait for the next one). Either way a pass is the
-    kernel's do_work, and passes follow one another exactly as they would on one thread."""
+    finds no pass in progress and no digestion due (group commit: the pass carries every write
+    queued when it starts; writes that arrive meanwhile wait for the next one). Either way a
+    pass is the kernel's do_work, and passes follow one another as they would on one thread."""
 
     def __init__(self, target: "EraTarget") -> None:
         self.target = target
@@ -85,12 +85,19 @@ class _Worker:
     def _has_work(self) -> bool:
         return bool(self.marks or self.calls or self.requeue)
 
+    def _digesting(self) -> bool:
+        """Digestion is due or under way. Its steps then stay on the worker thread, writes
+        included, as with the kernel's single worker: which step a commit comes after decides
+        which blocks it allocates, and the thread runs the steps back to back."""
+        return self.requeue or self.digest.step is not None or self.target.md.archived_writesets
+
     def _run(self) -> None:
         while True:
             with self.cv:
-                # waiting writes run their own passes; the thread takes calls and digestion
-                while not self.exiting and (self.suspended or self.busy
-                                            or not (self.calls or self.requeue)):
+                # waiting writes run their own passes unless digestion is under way; the
+                # thread takes calls, digestion and the writes that arrive meanwhile
+                while not self.exiting and (self.suspended or self.busy or not (
+                        self.calls or self.requeue or (self.marks and self._digesting()))):
                     self.thread_cv.wait()
                 if self.exiting:
                     return
@@ -118,7 +125,9 @@ class _Worker:
         with self.cv:
             self.marks.append(mark)
             while not mark.done:
-                if not (self.busy or self.suspended or self.exiting):
+                if self._digesting():
+                    self.thread_cv.notify()
+                elif not (self.busy or self.suspended or self.exiting):
                     self.busy = True
                     self.requeue = False
                     break
