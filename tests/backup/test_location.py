@@ -6,6 +6,7 @@ import pytest
 
 from blockera.backup import LocalBackend
 from blockera.backup.location import open_backend
+from blockera.errors import UsageError
 from blockera.backup.s3 import S3Backend
 
 
@@ -34,5 +35,5 @@ def test_s3_locations_with_options() -> None:
     ("", "empty"),
 ])
 def test_refused(location: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UsageError, match=message):
         open_backend(location)

@@ -16,24 +16,32 @@ writes it; each module here owns one kind of file:
     repository            Repository: init/open, save/load blobs, flush, snapshots
 """
 
-from blockera.backup.backend import Backend, FileInfo, FileType
-from blockera.backup.errors import (BackendError, BackendNotFoundError, IntegrityError,
-                                    LockConflictError, LockLostError, NotARepositoryError,
-                                    RepositoryError, RepositoryFormatError, WrongPasswordError)
-from blockera.backup.gojson import GoTime
-from blockera.backup.ids import BlobType
-from blockera.backup.keys import KdfParams
-from blockera.backup.local import LocalBackend
-from blockera.backup.locks import RepositoryLock, remove_stale_locks
-from blockera.backup.node import Node
-from blockera.backup.repository import BlobNotFoundError, Repository
-from blockera.backup.snapshots import Snapshot, SnapshotNotFoundError
-from blockera.backup.tree import Tree
+from __future__ import annotations
 
-__all__ = [
-    "Backend", "BackendError", "BackendNotFoundError", "BlobNotFoundError", "BlobType",
-    "FileInfo", "FileType", "GoTime", "IntegrityError", "KdfParams", "LocalBackend",
-    "LockConflictError", "LockLostError", "Node", "NotARepositoryError", "Repository",
-    "RepositoryError", "RepositoryFormatError", "RepositoryLock", "Snapshot",
-    "SnapshotNotFoundError", "Tree", "WrongPasswordError", "remove_stale_locks",
-]
+import importlib
+from typing import Any
+
+# Names are imported on first use (PEP 562), so that a command importing one module (the key
+# files, to start deriving a key while the rest loads) does not pay for all of them.
+_EXPORTS = {
+    "Backend": "backend", "FileInfo": "backend", "FileType": "backend",
+    "BackendError": "errors", "BackendNotFoundError": "errors", "IntegrityError": "errors",
+    "LockConflictError": "errors", "LockLostError": "errors", "NotARepositoryError": "errors",
+    "RepositoryError": "errors", "RepositoryFormatError": "errors",
+    "WrongPasswordError": "errors",
+    "GoTime": "gojson", "BlobType": "ids", "KdfParams": "keys", "LocalBackend": "local",
+    "RepositoryLock": "locks", "remove_stale_locks": "locks", "Node": "node",
+    "BlobNotFoundError": "repository", "Repository": "repository",
+    "Snapshot": "snapshots", "SnapshotNotFoundError": "snapshots", "Tree": "tree",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'blockera.backup' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"blockera.backup.{module}"), name)
+    globals()[name] = value
+    return value

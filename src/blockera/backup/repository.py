@@ -150,6 +150,17 @@ class Repository:
             raise NotARepositoryError(f"{backend.location}: not a repository (there is no "
                                       "config file); create one with init")
         key_name, master = open_master_key(backend, password, key_hint)
+        return cls.open_with_key(backend, key_name, master, threads=threads,
+                                 pack_size_bytes=pack_size_bytes, compression=compression,
+                                 index_max_blobs=index_max_blobs, max_in_flight=max_in_flight)
+
+    @classmethod
+    def open_with_key(cls, backend: Backend, key_name: str, master: MasterKey, *,
+                      threads: int | None = None, pack_size_bytes: int = PACK_SIZE_BYTES,
+                      compression: bool = True, index_max_blobs: int = INDEX_MAX_BLOBS,
+                      max_in_flight: int | None = None) -> "Repository":
+        """Open a repository whose master key was already opened (`keys.open_master_key`, e.g.
+        in a thread while the caller was busy with something else)."""
         raw = backend.load(FileType.CONFIG, "")
         try:
             plain = master.decrypt(raw, f"{backend.location}: config")
@@ -251,21 +262,30 @@ class Repository:
         assert self._index is not None
         return self._index
 
-    def load_index(self) -> None:
+    def load_index(self, *, skip_damaged: bool = False) -> list[str]:
         """Read every index file into a fresh master index (plus the packs this process wrote
-        but has not indexed yet)."""
+        but has not indexed yet). With `skip_damaged` (for checking), an index file that
+        cannot be read is left out and its error returned instead of raised."""
         index = MasterIndex()
         files = []
+        skipped: list[str] = []
         for fi in sorted(self.backend.list(FileType.INDEX), key=lambda f: f.name):
             if not is_id_hex(fi.name):
                 continue
-            raw = self.load_unpacked(FileType.INDEX, fi.name)
-            files.append(IndexColumns.parse(raw, f"index {fi.name[:8]} in {self.location}"))
+            try:
+                raw = self.load_unpacked(FileType.INDEX, fi.name)
+                files.append(IndexColumns.parse(raw, f"index {fi.name[:8]} in "
+                                                     f"{self.location}"))
+            except RepositoryError as exc:
+                if not skip_damaged:
+                    raise
+                skipped.append(str(exc))
         index.add_index_files(files)
         with self._state:
             for pack_id, entries in self._unindexed:
                 index.add_pack(pack_id, entries)
             self._index = index
+        return skipped
 
     def has_blob(self, blob_id: bytes, blob_type: BlobType) -> bool:
         """Is the blob stored or being stored?"""
@@ -278,6 +298,12 @@ class Repository:
 
     def save_blob(self, blob_type: BlobType, data: bytes | bytearray | memoryview) -> bytes:
         """Store a blob unless the repository already has it; returns its ID (SHA-256)."""
+        return self.store_blob(blob_type, data)[0]
+
+    def store_blob(self, blob_type: BlobType,
+                   data: bytes | bytearray | memoryview) -> tuple[bytes, bool]:
+        """`save_blob`, also saying whether the blob was new (stored by this call) or
+        already in the repository (or being stored)."""
         self._check_writable()
         if len(data) > MAX_BLOB_BYTES:
             raise ValueError(f"a blob of {len(data)} bytes is larger than a pack can describe "
@@ -288,7 +314,7 @@ class Repository:
         index = self.index
         with self._state:
             if key in self._pending or index.has(blob_id, blob_type):
-                return blob_id
+                return blob_id, False
             self._pending.add(key)
         if self._executor is None:
             try:
@@ -296,7 +322,7 @@ class Repository:
             except BaseException as exc:
                 self._fail(exc)
                 raise
-            return blob_id
+            return blob_id, True
         try:
             self._slots.acquire()
         except BaseException:  # interrupted while waiting: the blob was not taken
@@ -313,7 +339,7 @@ class Repository:
         with self._state:
             self._futures.add(future)
         future.add_done_callback(self._done)
-        return blob_id
+        return blob_id, True
 
     def save_tree(self, tree: Tree) -> bytes:
         return self.save_blob(BlobType.TREE, tree.encode())

@@ -9,13 +9,14 @@ import os
 import re
 import sys
 import time
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import click
 
-from blockera.engine.client import EngineClient
 from blockera.errors import DeviceError, UsageError
-from blockera.progress import progress
+
+if TYPE_CHECKING:
+    from blockera.engine.client import EngineClient
 
 MAPPER = "/dev/mapper/"
 OPERANDS = ("if", "of", "bs", "ibs", "obs", "count", "skip", "seek", "conv", "oflag", "iflag",
@@ -55,7 +56,8 @@ def _number(text: str, what: str) -> int:
 
 
 class _Source:
-    def __init__(self, path: str | None, client: EngineClient | None, skip_bytes: int) -> None:
+    def __init__(self, path: str | None, client: "EngineClient | None",
+                 skip_bytes: int) -> None:
         self.path = path
         self.client = client
         self.offset = skip_bytes
@@ -131,6 +133,9 @@ def dd(operands: tuple[str, ...], socket_path: str | None) -> None:
     seek = _number(ops.get("seek", "0"), "seek") * bs
     src_path, dst_path = ops.get("if"), ops.get("of")
     needs_engine = any(p and p.startswith(MAPPER) for p in (src_path, dst_path))
+    from blockera.engine.client import EngineClient   # imported when dd runs, not for every
+    from blockera.progress import progress            # blockera command
+
     client = EngineClient(socket_path) if needs_engine else None
     source = _Source(src_path, client, skip)
     out: BinaryIO | None = None

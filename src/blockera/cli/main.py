@@ -35,8 +35,10 @@ def _register() -> None:
     from blockera.cli.live import activate, invalidate, mark, replicate, status, track, untrack
     from blockera.cli.nbd import nbd
 
-    for command in (era, cow, dmsetup, daemon, dd, nbd, track, activate, untrack, status,
-                    replicate, mark, invalidate):
+    from blockera.cli.backup import COMMANDS as backup_commands
+
+    for command in (era, cow, dmsetup, daemon, dd, nbd, *backup_commands, track, activate,
+                    untrack, status, replicate, mark, invalidate):
         cli.add_command(command)
 
 

@@ -58,9 +58,9 @@ class TrackedDevice:
     # era N of tracking epoch E". The epoch grows whenever tracking may have missed a write
     # (metadata replaced or reformatted, era numbering gone backwards, the device used before
     # the stack was rebuilt); a consumer of an older epoch must read everything once.
-    marks: dict[str, dict[str, int]] = field(default_factory=dict)
-    backups: dict[str, dict[str, int]] = field(default_factory=dict)
-    mirrors: dict[str, dict[str, int]] = field(default_factory=dict)
+    marks: dict[str, dict[str, int | str]] = field(default_factory=dict)
+    backups: dict[str, dict[str, int | str]] = field(default_factory=dict)
+    mirrors: dict[str, dict[str, int | str]] = field(default_factory=dict)
     epoch: int = 1
     lost: list[str] = field(default_factory=list)     # why each epoch began
     highest_era_seen: int = 0
@@ -89,11 +89,11 @@ class TrackedDevice:
         self.lost.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {reason}")
         self.highest_era_seen = 0
 
-    def starting_era(self, point: dict[str, int] | None) -> int | None:
+    def starting_era(self, point: dict[str, int | str] | None) -> int | None:
         """The era to list changes from for a consumer at `point`, or None: read everything."""
         if point is None or point.get("epoch") != self.epoch:
             return None
-        return point["era"]
+        return int(point["era"])
 
 
 def check_name(name: str) -> str:

@@ -69,6 +69,9 @@ class Connection:
         except OSError:
             pass
 
+    def _claimed(self) -> None:
+        self.in_handshake = False
+
     def _finish(self) -> None:
         self.in_handshake = False
         try:
@@ -88,7 +91,8 @@ class Connection:
         try:
             negotiated = Handshake(self.sock, reader, self._resolver, self._limits,
                                    timeout_s=self._handshake_timeout_s,
-                                   stopping=self._stopping, peer=self.peer).run()
+                                   stopping=self._stopping, peer=self.peer,
+                                   on_claimed=self._claimed).run()
         except ClientDisconnected as exc:
             log.debug("%s: disconnected during the handshake: %s", self.peer, exc)
             negotiated = None

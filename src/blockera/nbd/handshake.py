@@ -74,7 +74,7 @@ class Handshake:
 
     def __init__(self, sock: socket.socket, reader: SocketReader, resolver: ExportResolver,
                  limits: BlockLimits, *, timeout_s: float, stopping: Callable[[], bool],
-                 peer: str) -> None:
+                 peer: str, on_claimed: Callable[[], None] = lambda: None) -> None:
         self._sock = sock
         self._reader = reader
         self._resolver = resolver
@@ -83,6 +83,7 @@ class Handshake:
         self._timeout_s = timeout_s
         self._stopping = stopping
         self._peer = peer
+        self._on_claimed = on_claimed
         self._no_zeroes = False
         self._structured = False
 
@@ -170,8 +171,12 @@ class Handshake:
                                      f"{type(exc).__name__}: {exc}") from None
 
     def _claim(self, export: ResolvedExport) -> Release:
+        """Claim the export; `on_claimed` runs before the client can learn of it, so a
+        connection counts as serving from then on."""
         try:
-            return export.claim()
+            release = export.claim()
+            self._on_claimed()
+            return release
         except UnknownExportError:
             raise
         except BlockeraError as exc:
