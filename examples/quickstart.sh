@@ -88,3 +88,24 @@ blockera dmsetup remove cow
 blockera dmsetup table md2_dup | blockera dmsetup load md2
 blockera dmsetup resume md2
 blockera dmsetup table md2
+
+echo
+echo "== incremental-forever backups of a tracked device into a restic repository"
+export BLOCKERA_STATE_DIR="$work/state" BLOCKERA_REPOSITORY="$work/repo"
+export BLOCKERA_PASSWORD=correct-horse-battery-staple
+truncate -s 4M "$work/vm-era.img"
+dd if=/dev/urandom of="$work/vm.img" bs=1M count=128 status=none
+blockera track "$work/vm.img" --metadata "$work/vm-era.img" --block-size 128 --name vm
+blockera init
+echo "== the first backup reads everything"
+blockera backup /dev/mapper/vm
+echo "== 3 MiB rewritten in place; the next backup reads only the chunks that cover it"
+blockera dd if=/dev/urandom of=/dev/mapper/vm bs=64k seek=500 count=48 status=none
+blockera backup /dev/mapper/vm
+blockera snapshots
+echo "== restore the latest snapshot and compare it with the device"
+blockera restore latest "$work/restored.img"
+cmp "$work/restored.img" "$work/vm.img" && echo "restored image identical"
+blockera check --read-data
+blockera status
+blockera untrack /dev/mapper/vm

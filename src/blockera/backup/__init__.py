@@ -3,7 +3,8 @@ real `restic` can check, restore, dump and prune what blockera writes and blocke
 and continue what restic wrote. docs/backup-repository.md describes the format as blockera
 writes it; each module here owns one kind of file:
 
-    backend, local        byte storage (interface; local directory in restic's layout)
+    backend, local, s3    byte storage (interface; local directory and S3 bucket in restic's
+                          layout); location turns a -r/--repo string into one
     crypto                AES-256-CTR + Poly1305-AES
     keys                  key files (scrypt), opening with a password
     config                the config file, the chunker polynomial
@@ -14,6 +15,8 @@ writes it; each module here owns one kind of file:
     snapshots             snapshot files
     locks                 lock files, locking rules, refresh
     repository            Repository: init/open, save/load blobs, flush, snapshots
+
+and the jobs on top: device_backup, restore, check, forget, prune, mount (§14-§21).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ _EXPORTS = {
     "GoTime": "gojson", "BlobType": "ids", "KdfParams": "keys", "LocalBackend": "local",
     "RepositoryLock": "locks", "remove_stale_locks": "locks", "Node": "node",
     "BlobNotFoundError": "repository", "Repository": "repository",
+    "open_backend": "location", "S3Backend": "s3",
     "Snapshot": "snapshots", "SnapshotNotFoundError": "snapshots", "Tree": "tree",
 }
 

@@ -133,6 +133,10 @@ class BackupOptions:
     tags: list[str] = field(default_factory=list)
     time: GoTime | None = None
     dry_run: bool = False
+    before_save: Callable[[], None] | None = None
+    """Called once every chunk is read and stored, before the tree and the snapshot are saved:
+    the last word of a source that can only tell then whether what was read is sound (a
+    snapshot that overflowed). An exception from it ends the backup with no snapshot saved."""
 
 
 @dataclass
@@ -322,6 +326,8 @@ def _run_backup(repo: Repository, device: BlockDevice, options: BackupOptions,
                 summary.bytes_new += length
             if on_progress is not None:
                 on_progress(length)
+        if options.before_save is not None:
+            options.before_save()
         node = Node.file(node_name(options.source), size_bytes, content, mode=0o600,
                          mtime=begin_time)
         tree_id = repo.save_tree(Tree([node]))

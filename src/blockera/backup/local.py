@@ -62,7 +62,7 @@ class LocalBackend(Backend):
         return self._dir(ftype, name) / name
 
     def _error(self, exc: OSError, action: str, path: Path) -> BackendError:
-        if exc.errno == errno.ENOENT:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # ENOTDIR: a file where a directory is
             return BackendNotFoundError(f"{self.location}: {action} {path}: no such file")
         name = errno.errorcode.get(exc.errno or 0, "EIO")
         return BackendError(f"{self.location}: {action} {path}: {exc.strerror or exc}",

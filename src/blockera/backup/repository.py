@@ -142,11 +142,7 @@ class Repository:
              max_in_flight: int | None = None) -> "Repository":
         """Open an existing repository with one of its passwords (the key file whose name
         starts with `key_hint` is tried first)."""
-        try:
-            has_config = backend.exists(FileType.CONFIG, "")
-        except BackendError as exc:
-            raise NotARepositoryError(f"{backend.location}: not a repository ({exc})") from None
-        if not has_config:
+        if not backend.exists(FileType.CONFIG, ""):  # storage failures stay BackendErrors
             raise NotARepositoryError(f"{backend.location}: not a repository (there is no "
                                       "config file); create one with init")
         key_name, master = open_master_key(backend, password, key_hint)

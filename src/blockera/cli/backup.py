@@ -10,6 +10,7 @@ a refused input, a conflicting lock, a wrong password), 2 usage or I/O errors.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import os
@@ -17,6 +18,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -33,14 +35,58 @@ syncing) a full pack does not leave a CPU idle."""
 
 # -- shared options -----------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class RepositoryArgs:
+    """Where the repository is and how to reach it: -r/--repo, the password source, and the
+    S3 connection options (ignored for a local directory)."""
+
+    location: str | None
+    password_file: str | None = None
+    connections: int | None = None
+    cacert: str | None = None
+    limit_upload_kib: float | None = None
+    limit_download_kib: float | None = None
+
+    def backend(self):  # type: ignore[no-untyped-def]
+        from blockera.backup.location import open_backend
+
+        return open_backend(self.location or "", connections=self.connections,
+                            cacert=self.cacert, limit_upload_kib=self.limit_upload_kib,
+                            limit_download_kib=self.limit_download_kib)
+
+
 def repository_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--password-file", envvar=PASSWORD_FILE_ENV, metavar="FILE",
-                     type=click.Path(dir_okay=False),
-                     help=f"Read the password from FILE (or ${PASSWORD_FILE_ENV}; else "
-                          f"${PASSWORD_ENV}; else asked on a terminal).")(f)
-    f = click.option("-r", "--repo", "repo", envvar=REPOSITORY_ENV, metavar="LOCATION",
-                     help=f"The repository: a directory (or ${REPOSITORY_ENV}).")(f)
-    return f
+    """-r/--repo, the password and the S3 options; the command receives them as one
+    `repo: RepositoryArgs`."""
+
+    @functools.wraps(f)
+    def command(*args: Any, repo: str | None, password_file: str | None,
+                connections: int | None, cacert: str | None, limit_upload: float | None,
+                limit_download: float | None, **kwargs: Any) -> Any:
+        return f(*args, repo=RepositoryArgs(repo, password_file, connections, cacert,
+                                            limit_upload, limit_download), **kwargs)
+
+    for option in reversed(_REPOSITORY_OPTIONS):
+        command = option(command)
+    return command
+
+
+_REPOSITORY_OPTIONS = (
+    click.option("-r", "--repo", "repo", envvar=REPOSITORY_ENV, metavar="LOCATION",
+                 help=f"The repository: a directory, local:DIR or s3:URL (or ${REPOSITORY_ENV})."),
+    click.option("--password-file", envvar=PASSWORD_FILE_ENV, metavar="FILE",
+                 type=click.Path(dir_okay=False),
+                 help=f"Read the password from FILE (or ${PASSWORD_FILE_ENV}; else "
+                      f"${PASSWORD_ENV}; else asked on a terminal)."),
+    click.option("--connections", type=click.IntRange(1, 256), metavar="N",
+                 help="S3: parallel connections (default 5, as restic)."),
+    click.option("--cacert", type=click.Path(dir_okay=False, exists=True), metavar="FILE",
+                 help="S3: trust this CA certificate (PEM) for TLS."),
+    click.option("--limit-upload", type=click.FloatRange(min=1), metavar="KIB_S",
+                 help="S3: upload bandwidth limit in KiB/s."),
+    click.option("--limit-download", type=click.FloatRange(min=1), metavar="KIB_S",
+                 help="S3: download bandwidth limit in KiB/s."),
+)
 
 
 def read_password(password_file: str | None, *, confirm: bool = False) -> str:
@@ -63,7 +109,7 @@ def read_password(password_file: str | None, *, confirm: bool = False) -> str:
                      f"{PASSWORD_ENV}")
 
 
-def open_repository(location: str | None, password_file: str | None, *,  # type: ignore[no-untyped-def]
+def open_repository(repo: RepositoryArgs, *,  # type: ignore[no-untyped-def]
                     preload: tuple[str, ...] = (), **options: Any):
     """The repository, opened. The key is derived (scrypt, half a second by design) in a
     thread while this one imports the repository code and the modules in `preload`."""
@@ -71,18 +117,13 @@ def open_repository(location: str | None, password_file: str | None, *,  # type:
 
     from blockera.backup.backend import FileType
     from blockera.backup.counting import CountingBackend
-    from blockera.backup.errors import BackendError, NotARepositoryError
-    from blockera.backup.location import open_backend
+    from blockera.backup.errors import NotARepositoryError
 
-    backend = CountingBackend(open_backend(location or ""))
-    try:
-        has_config = backend.exists(FileType.CONFIG, "")
-    except BackendError as exc:
-        raise NotARepositoryError(f"{backend.location}: not a repository ({exc})") from None
-    if not has_config:
+    backend = CountingBackend(repo.backend())
+    if not backend.exists(FileType.CONFIG, ""):  # storage failures stay BackendErrors (exit 2)
         raise NotARepositoryError(f"{backend.location}: not a repository (there is no config "
                                   "file); create one with `blockera init`")
-    password = read_password(password_file)
+    password = read_password(repo.password_file)
     opened: dict[str, Any] = {}
 
     def derive() -> None:
@@ -179,18 +220,17 @@ class _Bar:
 @repository_options
 @click.option("--repository-version", type=click.Choice(["1", "2"]), default="2",
               show_default=True, help="restic's repository format (2 compresses).")
-def init(repo: str | None, password_file: str | None, repository_version: str) -> None:
+def init(repo: RepositoryArgs, repository_version: str) -> None:
     """Create a repository (restic's format, usable by restic 0.14 and later).
 
     \b
     Example:
       BLOCKERA_PASSWORD=secret blockera init -r /srv/backup
     """
-    from blockera.backup.location import open_backend
     from blockera.backup.repository import Repository
 
-    backend = open_backend(repo or "")
-    password = read_password(password_file, confirm=True)
+    backend = repo.backend()
+    password = read_password(repo.password_file, confirm=True)
     created = Repository.init(backend, password, version=int(repository_version))
     created.close()
     click.echo(f"created repository {created.config.id[:10]} at {backend.location} (format "
@@ -232,7 +272,9 @@ def _parse_time(text: str):  # type: ignore[no-untyped-def]
                    "parent recorded).")
 @click.option("--metadata-snapshot", is_flag=True,
               help="With --era-metadata: read the held metadata snapshot.")
-@click.option("--cow", metavar="COW", help="A COW store whose exceptions are the changes.")
+@click.option("--cow", metavar="COW",
+              help="A COW store whose exceptions are the changes; for a tracked device: the "
+                   "file or device to hold the snapshot's copies (default: a scratch file).")
 @click.option("--full", is_flag=True,
               help="Read everything even with a change source (which then only records its "
                    "position for the next incremental).")
@@ -242,16 +284,35 @@ def _parse_time(text: str):  # type: ignore[no-untyped-def]
 @click.option("-n", "--dry-run", is_flag=True,
               help="Only say what would be read and reused; read and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def backup(source: str, repo: str | None, password_file: str | None, chunk_size: str | None,
+@click.option("--state-dir", type=click.Path(file_okay=False), envvar="BLOCKERA_STATE_DIR",
+              help="Tracked devices' records (default /var/lib/blockera; $BLOCKERA_STATE_DIR): "
+                   "a tracked SOURCE is backed up from a snapshot, incrementally.")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False),
+              help="Engine daemon socket of a tracked device on the userspace engine "
+                   "(default: the one recorded).")
+@click.option("--scratch-dir", type=click.Path(file_okay=False),
+              help="Tracked device: where the scratch COW file goes (default: the temporary "
+                   "directory).")
+@click.option("--verify-sample", "verify_percent", type=click.FloatRange(0, 100), default=1.0,
+              show_default=True, metavar="PERCENT",
+              help="Tracked device: compare this share of the chunks tracking calls unchanged "
+                   "with the parent; a difference makes the backup read everything.")
+def backup(source: str, repo: RepositoryArgs, chunk_size: str | None,
            host: str | None, parent: str | None, changed_file: str | None,
            era_metadata: str | None, since: int | None, metadata_snapshot: bool,
            cow: str | None, full: bool, tags: tuple[str, ...], time_text: str | None,
-           dry_run: bool, as_json: bool) -> None:
+           dry_run: bool, as_json: bool, state_dir: str | None, socket_path: str | None,
+           scratch_dir: str | None, verify_percent: float) -> None:
     """Back up SOURCE (an image file, a block device or /dev/mapper/NAME).
 
     Without change options the whole source is read (only blobs the repository lacks are
     stored). With --changed, --era-metadata or --cow only the chunks covering the changed
     ranges are read; everything else comes from the parent snapshot.
+
+    A device tracked with `blockera track` needs no change options: it is frozen in a
+    snapshot for the backup, the blocks written since its last backup into this repository
+    are read from the snapshot, and a full read is made (and the reason given) whenever
+    tracking cannot vouch for the changes.
 
     \b
     Example:
@@ -259,10 +320,17 @@ def backup(source: str, repo: str | None, password_file: str | None, chunk_size:
       blockera dmsetup message era 0 take_metadata_snap
       blockera backup -r /srv/backup /dev/vg/data --era-metadata /dev/vg/era-meta \\
           --metadata-snapshot
+      blockera backup -r /srv/backup /dev/mapper/vg-data      # tracked: consistent
     """
     tune_malloc()
+    from blockera.live.state import StateDir
     from blockera.units import parse_size_bytes
 
+    state = StateDir(state_dir)
+    tracked = state.tracked_name(source)
+    if tracked is None and (socket_path or scratch_dir):
+        raise UsageError(f"--socket and --scratch-dir are for tracked devices, and {source} is "
+                         f"not tracked (no record in {state.devices})")
     given = [x for x in (changed_file, era_metadata, cow) if x]
     if len(given) > 1:
         raise UsageError("give one change source: --changed, --era-metadata or --cow")
@@ -278,9 +346,23 @@ def backup(source: str, repo: str | None, password_file: str | None, chunk_size:
         if not tag or "," in tag or tag.startswith("blockera"):
             raise UsageError(f"--tag {tag!r}: a tag may not be empty, contain a comma or start "
                              "with 'blockera' (blockera's own tags)")
+    if tracked is not None:
+        refused = [name for name, value in (("--changed", changed_file),
+                                            ("--era-metadata", era_metadata),
+                                            ("--parent", parent), ("--full", full),
+                                            ("--time", time_text), ("--dry-run", dry_run))
+                   if value]
+        if refused:
+            raise UsageError(f"{source} is a tracked device: its changes come from its own "
+                             f"tracking, so {', '.join(refused)} cannot be given")
+        _backup_tracked(state, tracked, repo, chunk_bytes=chunk_bytes, host=host,
+                        tags=list(tags), cow=cow, scratch_dir=scratch_dir,
+                        socket_path=socket_path, verify_percent=verify_percent,
+                        as_json=as_json)
+        return
     opened = []
     try:
-        repository = open_repository(repo, password_file, threads=BACKUP_THREADS,
+        repository = open_repository(repo, threads=BACKUP_THREADS,
                                      preload=("blockera.backup.device_backup",
                                               "blockera.cli.files"))
         opened.append(repository)
@@ -326,6 +408,10 @@ def backup(source: str, repo: str | None, password_file: str | None, chunk_size:
     if as_json:
         print_json(summary.as_json())
         return
+    _print_summary(summary)
+
+
+def _print_summary(summary) -> None:  # type: ignore[no-untyped-def]
     kind = "full" if summary.made_from == "full" else f"incremental ({summary.made_from})"
     if summary.dry_run:
         click.echo(f"would back up {summary.source}: {kind}, {summary.chunks_total} chunks of "
@@ -343,6 +429,44 @@ def backup(source: str, repo: str | None, password_file: str | None, chunk_size:
                f"stored {stored}, in {summary.duration_s:.2f} s")
 
 
+def _backup_tracked(state, name: str, repo: RepositoryArgs, *,  # type: ignore[no-untyped-def]
+                    chunk_bytes: int | None, host: str | None, tags: list[str],
+                    cow: str | None, scratch_dir: str | None, socket_path: str | None,
+                    verify_percent: float, as_json: bool) -> None:
+    """A tracked device, backed up from a snapshot (docs/live-devices.md §6)."""
+    from blockera.live.backup import backup_tracked
+    from blockera.live.engines import open_engine
+
+    record = state.load(name)
+    engine = open_engine(record.engine, socket_path or record.socket)
+    repository = open_repository(repo, threads=BACKUP_THREADS,
+                                 preload=("blockera.backup.device_backup",))
+    try:
+        with state.locked(name):
+            record = state.load(name)
+            bar = _Bar(f"backup {name}")
+            try:
+                result = backup_tracked(repository, repository.config.id, engine, state,
+                                        record, hostname=host, chunk_bytes=chunk_bytes,
+                                        tags=tags, cow=cow, scratch_dir=scratch_dir,
+                                        verify_percent=verify_percent, on_plan=bar.total,
+                                        on_progress=bar.update)
+            finally:
+                bar.close()
+    finally:
+        repository.close()
+    if as_json:
+        doc = result.summary.as_json()
+        doc["tracked"] = {"full": result.full, "reason": result.reason,
+                          "verified_chunks": result.verified_chunks}
+        print_json(doc)
+        return
+    click.echo(f"{name}: {result.reason}"
+               + (f" (verified {result.verified_chunks} unchanged chunks)"
+                  if result.verified_chunks else ""), err=True)
+    _print_summary(result.summary)
+
+
 # -- snapshots ----------------------------------------------------------------------------------
 
 @click.command()
@@ -350,7 +474,7 @@ def backup(source: str, repo: str | None, password_file: str | None, chunk_size:
 @click.option("--host", metavar="HOST", help="Only snapshots from this host.")
 @click.option("--path", "source", metavar="SOURCE", help="Only snapshots of this source path.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
-def snapshots(repo: str | None, password_file: str | None, host: str | None,
+def snapshots(repo: RepositoryArgs, host: str | None,
               source: str | None, as_json: bool) -> None:
     """List the snapshots (restic's too), oldest first.
 
@@ -360,7 +484,7 @@ def snapshots(repo: str | None, password_file: str | None, host: str | None,
     """
     from blockera.backup.device_layout import DeviceFacts, source_path, user_tags
 
-    repository = open_repository(repo, password_file)
+    repository = open_repository(repo)
     try:
         found = [s for s in repository.list_snapshots()
                  if (host is None or s.hostname == host)
@@ -428,7 +552,7 @@ def _report_damage(result, as_json: bool, doc: dict[str, object]) -> None:  # ty
 @click.option("--ignore-errors", is_flag=True,
               help="On a damaged blob write zeros there, list the ranges and exit 1.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def restore(snapshot: str, target: str, repo: str | None, password_file: str | None,
+def restore(snapshot: str, target: str, repo: RepositoryArgs,
             file_path: str | None, host: str | None, snapshot_path: str | None, sparse: bool,
             delta_from: str | None, ignore_errors: bool, as_json: bool) -> None:
     """Write a snapshot's image to TARGET (a file, created or extended as needed, a block
@@ -441,7 +565,7 @@ def restore(snapshot: str, target: str, repo: str | None, password_file: str | N
     tune_malloc()
     from blockera.backup.restore import open_restore_target, restore_to_device
 
-    repository = open_repository(repo, password_file)
+    repository = open_repository(repo)
     try:
         with repository.lock():
             snap, where, layout = _layout_for(repository, snapshot, host, snapshot_path,
@@ -477,7 +601,7 @@ def restore(snapshot: str, target: str, repo: str | None, password_file: str | N
 @snapshot_options
 @click.option("--ignore-errors", is_flag=True,
               help="On a damaged blob write zeros there, list the ranges and exit 1.")
-def dump(snapshot: str, repo: str | None, password_file: str | None, file_path: str | None,
+def dump(snapshot: str, repo: RepositoryArgs, file_path: str | None,
          host: str | None, snapshot_path: str | None, ignore_errors: bool) -> None:
     """Write a snapshot's image to standard output.
 
@@ -490,7 +614,7 @@ def dump(snapshot: str, repo: str | None, password_file: str | None, file_path: 
 
     if sys.stdout.isatty():
         raise UsageError("standard output is a terminal: redirect it to a file or a pipe")
-    repository = open_repository(repo, password_file)
+    repository = open_repository(repo)
     try:
         with repository.lock():
             snap, where, layout = _layout_for(repository, snapshot, host, snapshot_path,
@@ -509,7 +633,7 @@ def dump(snapshot: str, repo: str | None, password_file: str | None, file_path: 
 @repository_options
 @click.option("--read-data", is_flag=True, help="Also read and verify every blob of every pack.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def check(repo: str | None, password_file: str | None, read_data: bool, as_json: bool) -> None:
+def check(repo: RepositoryArgs, read_data: bool, as_json: bool) -> None:
     """Check the repository; name the snapshots and byte ranges any damage affects. Exit 0
     when sound, 1 on errors or damage.
 
@@ -521,7 +645,7 @@ def check(repo: str | None, password_file: str | None, read_data: bool, as_json:
     from blockera.backup.check import check_repository
     from blockera.backup.locks import RepositoryLock
 
-    repository = open_repository(repo, password_file)
+    repository = open_repository(repo)
     try:
         # a non-exclusive lock (no prune runs meanwhile); index files that cannot be read
         # are findings, not a reason to stop
@@ -583,7 +707,7 @@ def _prune_report(result, as_json: bool, dry_run: bool) -> dict[str, object]:  #
 @prune_options
 @click.option("-n", "--dry-run", is_flag=True, help="Only say what would be done.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def prune(repo: str | None, password_file: str | None, max_unused: str, dry_run: bool,
+def prune(repo: RepositoryArgs, max_unused: str, dry_run: bool,
           as_json: bool) -> None:
     """Remove data no snapshot uses (under an exclusive lock).
 
@@ -595,7 +719,7 @@ def prune(repo: str | None, password_file: str | None, max_unused: str, dry_run:
     from blockera.backup.prune import max_unused_rule, run_prune
 
     max_unused_rule(max_unused)
-    repository = open_repository(repo, password_file)
+    repository = open_repository(repo)
     try:
         with repository.lock(exclusive=True) as lock:
             result = run_prune(repository, max_unused=max_unused, dry_run=dry_run,
@@ -634,7 +758,7 @@ def prune(repo: str | None, password_file: str | None, max_unused: str, dry_run:
 @prune_options
 @click.option("-n", "--dry-run", is_flag=True, help="Only say what would be removed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON.")
-def forget(snapshot_ids: tuple[str, ...], repo: str | None, password_file: str | None,
+def forget(snapshot_ids: tuple[str, ...], repo: RepositoryArgs,
            last: int, hourly: int, daily: int, weekly: int, monthly: int, yearly: int,
            group_by: str, hosts: tuple[str, ...], paths: tuple[str, ...], then_prune: bool,
            max_unused: str, dry_run: bool, as_json: bool) -> None:
@@ -658,7 +782,7 @@ def forget(snapshot_ids: tuple[str, ...], repo: str | None, password_file: str |
                          "named: nothing would be removed")
     if snapshot_ids and not policy.empty():
         raise UsageError("give either snapshot IDs or a policy, not both")
-    repository = open_repository(repo, password_file)
+    repository = open_repository(repo)
     prune_doc = None
     try:
         with repository.lock(exclusive=True) as lock:
@@ -716,7 +840,7 @@ def forget(snapshot_ids: tuple[str, ...], repo: str | None, password_file: str |
                    "(default: in memory).")
 @click.option("--cache-size", default="64M", show_default=True, metavar="SIZE",
               help="Blobs kept in memory.")
-def mount(snapshot: str, repo: str | None, password_file: str | None, file_path: str | None,
+def mount(snapshot: str, repo: RepositoryArgs, file_path: str | None,
           host: str | None, snapshot_path: str | None, unix_path: str | None, tcp: str | None,
           allow_remote: bool, export_name: str, writable: bool, overlay_dir: str | None,
           cache_size: str) -> None:
@@ -742,7 +866,7 @@ def mount(snapshot: str, repo: str | None, password_file: str | None, file_path:
     except ValueError as exc:
         raise UsageError(f"--cache-size: {exc}") from None
     address = parse_tcp(tcp) if tcp else None
-    repository = open_repository(repo, password_file)
+    repository = open_repository(repo)
     try:
         with repository.lock():
             snap, where, layout = _layout_for(repository, snapshot, host, snapshot_path,

@@ -26,7 +26,8 @@ from blockera.backup.device_layout import (DeviceFacts, content_layout, find_fil
 from blockera.backup.repository import Repository
 from blockera.blockdev import BlockDevice
 from blockera.live.engines import DmControl
-from blockera.live.frozen import FrozenView, changed_block_count, cow_bytes_for, frozen_view
+from blockera.live.frozen import (FrozenView, changed_block_count, check_snapshot_valid,
+                                  cow_bytes_for, frozen_view)
 from blockera.live.state import StateDir, TrackedDevice
 
 VERIFY_READ_BYTES = 8 << 20
@@ -143,6 +144,9 @@ def backup_tracked(repo: Repository, repo_key: str, engine: DmControl, state: St
     elif point.get("snapshot") != (parent.id.hex() if parent.id else None):
         since, reason = None, ("the latest backup of this device is not the one this host "
                                "recorded (another backup, or the recorded one was forgotten)")
+    elif chunk_bytes is not None and \
+            chunk_bytes != DeviceFacts.from_tags(parent.tags).chunk_bytes:
+        since, reason = None, "a new chunk size: every chunk is read again"
     nr_blocks = -(-record.size_sectors // record.block_sectors)
     cow_bytes = cow_bytes_for(record, changed_block_count(record.metadata, since, nr_blocks))
     verified = 0
@@ -158,7 +162,8 @@ def backup_tracked(repo: Repository, repo_key: str, engine: DmControl, state: St
         options = BackupOptions(source=path, chunk_bytes=chunk_bytes, hostname=hostname,
                                 parent=parent.id.hex() if parent is not None and parent.id
                                 else None,
-                                changes=changes, full=since is None, tags=list(tags or []))
+                                changes=changes, full=since is None, tags=list(tags or []),
+                                before_save=lambda: check_snapshot_valid(engine, record))
         summary = run_backup(repo, view.device, options, on_plan=on_plan,
                              on_progress=on_progress)
         next_era = view.next_era

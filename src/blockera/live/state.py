@@ -170,6 +170,24 @@ class StateDir:
         finally:
             os.close(fd)
 
+    def tracked_name(self, device: str) -> str | None:
+        """The name of the tracked device `device` opens (/dev/mapper/NAME, or a kernel node
+        such as /dev/vg/lv or /dev/dm-3 whose device-mapper name is NAME), or None."""
+        names = [device.rsplit("/", 1)[-1]] if device.startswith("/dev/mapper/") else []
+        real = os.path.realpath(device)
+        if real.startswith("/dev/dm-"):
+            try:
+                names.append(Path(f"/sys/block/{real[5:]}/dm/name").read_text().strip())
+            except OSError:
+                pass
+        for name in names:
+            try:
+                if self.exists(name):
+                    return name
+            except UsageError:      # not a name blockera tracks under
+                continue
+        return None
+
     def names(self) -> list[str]:
         if not self.devices.is_dir():
             return []

@@ -13,9 +13,10 @@ import time
 
 import pytest
 
-from blockera.backup import (BlobType, FileType, Node, NotARepositoryError,
+from blockera.backup import (BlobType, FileType, Node,
                              Repository, Snapshot, Tree)
-from blockera.backup.s3 import (S3AccessDeniedError, S3ClockSkewError, S3ConnectionError,
+from blockera.backup.s3 import (S3AccessDeniedError, S3BucketNotFoundError, S3ClockSkewError,
+                                S3ConnectionError,
                                 S3CredentialsError, S3Backend)
 
 from ..helpers import FAST_KDF, PASSWORD, MiB, compressible_bytes, need_restic, random_bytes
@@ -221,8 +222,8 @@ def test_wrong_credentials(small_repo: tuple[str, bytes, bytes]) -> None:
     with pytest.raises(S3CredentialsError, match="secret key does not belong.*"
                                                  "AWS_SECRET_ACCESS_KEY"):
         wrong_secret.save(FileType.LOCK, "0" * 64, b"x")
-    # Repository.open reports it (as "not a repository", with the reason)
-    with pytest.raises(NotARepositoryError, match="AWS_SECRET_ACCESS_KEY"):
+    # Repository.open reports it as it is (exit 2), not as "not a repository"
+    with pytest.raises(S3CredentialsError, match="AWS_SECRET_ACCESS_KEY"):
         Repository.open(make_backend(url, secret_key="not-the-secret"), PASSWORD)
 
 
@@ -256,7 +257,7 @@ def test_clock_skew(small_repo: tuple[str, bytes, bytes], offset_s: int, side: s
     assert f"{abs(offset_s) - 5}" <= message.split(" s ")[0].split()[-1] <= f"{abs(offset_s) + 5}"
     with pytest.raises(S3ClockSkewError):
         be.save(FileType.LOCK, "1" * 64, b"x")
-    with pytest.raises(NotARepositoryError, match="clock"):
+    with pytest.raises(S3ClockSkewError, match="clock"):
         Repository.open(be, PASSWORD)
     be.clock = lambda: time.time() + 300       # five minutes: within S3's allowance
     assert be.exists(FileType.CONFIG, "")
@@ -264,7 +265,7 @@ def test_clock_skew(small_repo: tuple[str, bytes, bytes], offset_s: int, side: s
 
 def test_missing_bucket(radosgw: RadosGW) -> None:
     url = s3_url(radosgw, "no-such-bucket-here")
-    with pytest.raises(NotARepositoryError, match="bucket 'no-such-bucket-here' does not "
+    with pytest.raises(S3BucketNotFoundError, match="bucket 'no-such-bucket-here' does not "
                                                   "exist"):
         Repository.open(make_backend(url), PASSWORD)
 
@@ -277,7 +278,7 @@ def test_unreachable_endpoint() -> None:
                                                 "attempts.*server is running"):
         be.stat(FileType.CONFIG, "")
     assert time.monotonic() - start < 5
-    with pytest.raises(NotARepositoryError, match="cannot reach"):
+    with pytest.raises(S3ConnectionError, match="cannot reach"):
         Repository.open(be, PASSWORD)
 
 
