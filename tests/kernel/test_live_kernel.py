@@ -140,7 +140,7 @@ def test_live_workflows_on_the_kernel(kernel_guest: KernelGuest, tmp_path: Path)
              create_disk_image(tmp_path / "mirror.img", 128 * MiB),
              create_disk_image(tmp_path / "cmeta.img", 8 * MiB),
              create_disk_image(tmp_path / "cdata.img", 32 * MiB)]
-    result = kernel_guest.run(SCRIPT, disks, share, timeout_s=900, memory_mb=2048,
+    result = kernel_guest.run(SCRIPT, disks, share, timeout_s=1800, memory_mb=2048,
                               env={"REPO": str(Path(__file__).resolve().parents[2])})
     out = result.stdout
     assert "live-done" in out, (out, result.stderr)
