@@ -1,12 +1,24 @@
-"""The era target's I/O cost against plain file I/O on the same files, in one run.
+"""The era target's I/O cost against plain file I/O and against the floor durability sets, on
+the same files, in one run.
 
-* 1 MiB sequential writes (64 KiB era blocks): first pass (every block fresh: one metadata
-  commit per write, 16 blocks batched) and second pass (all marked: no metadata I/O).
+* 1 MiB sequential writes (64 KiB era blocks): first pass (every block fresh: each write waits
+  for one metadata commit marking its 16 blocks) and second pass (all marked: no metadata I/O).
 * 4 KiB random writes to blocks already marked in this era.
-* 4 KiB random writes to fresh blocks (4 KiB era blocks): every write needs a metadata commit
-  (two flushes), with 1 writer and with 16 concurrent writers (whose first writes share
-  commits). Two baselines: plain writes, and plain writes each followed by fdatasync (the least
-  a durable write costs).
+* 4 KiB random writes to fresh blocks (4 KiB era blocks) at queue depth 1, 4, 16 and 64
+  (that many writer threads): every write needs its block marked by a metadata commit before
+  it may reach the origin, and concurrent writes share commits.
+
+Baselines, measured in the same run on the same files:
+
+* plain: the same writes with os.pwrite;
+* durable: each write followed by fdatasync;
+* floor: what a first write must cost at the least (docs/era.md §3): one metadata commit, two
+  flushes, per group of writes that arrive together. For queue depth n, one thread writes n
+  blocks, then a 4 KiB metadata block + fdatasync and a 4 KiB superblock + fdatasync on a
+  metadata file, per group; at n = 1 that is a plain write plus two fdatasyncs.
+
+The metadata file is written out in full first (as an LV or a restored metadata file is), so
+no flush pays for allocating file blocks; the origin file is sparse for every pass.
 """
 
 from __future__ import annotations
@@ -25,12 +37,20 @@ from common import report  # noqa: E402
 
 from blockera.engine.userspace import Engine  # noqa: E402
 
+META_BYTES = 64 << 20
+QUEUE_DEPTHS = (1, 4, 16, 64)
+
 
 def _files(work: Path, origin_bytes: int) -> tuple[Path, Path]:
     meta, origin = work / "meta.img", work / "origin.img"
-    for path, size in ((meta, 64 << 20), (origin, origin_bytes)):
-        with open(path, "wb") as f:
-            f.truncate(size)
+    with open(meta, "wb") as f:
+        chunk = bytes(4 << 20)
+        for _ in range(META_BYTES // len(chunk)):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(origin, "wb") as f:
+        f.truncate(origin_bytes)
     return meta, origin
 
 
@@ -44,12 +64,32 @@ def _run_threads(n: int, fn) -> float:
     return time.perf_counter() - start
 
 
+def floor_pass(origin_fd: int, meta_fd: int, offsets: list[int], data: bytes,
+               group: int) -> float:
+    """Seconds for `offsets` written the way the floor allows: per `group` writes, one commit
+    (metadata block + flush, superblock + flush) before the group's data writes."""
+    block = os.urandom(4096)
+    t0 = time.perf_counter()
+    for i in range(0, len(offsets), group):
+        os.pwrite(meta_fd, block, 4096 * (1 + (i // group) % 64))
+        os.fdatasync(meta_fd)
+        os.pwrite(meta_fd, block, 0)
+        os.fdatasync(meta_fd)
+        for off in offsets[i: i + group]:
+            os.pwrite(origin_fd, data, off)
+    return time.perf_counter() - t0
+
+
 def bench(work: Path, origin_mib: int, ops: int) -> list[dict]:
     rows = []
     origin_bytes = origin_mib << 20
     rng = random.Random(1)
     mib = os.urandom(1 << 20)
     page = os.urandom(4096)
+    floor_meta = work / "floor-meta.img"
+    with open(floor_meta, "wb") as f:
+        f.write(bytes(65 * 4096))
+    meta_fd = os.open(floor_meta, os.O_WRONLY)
     # -- sequential 1 MiB, 64 KiB era blocks -----------------------------------------------------
     meta, origin = _files(work, origin_bytes)
     engine = Engine()
@@ -63,17 +103,25 @@ def bench(work: Path, origin_mib: int, ops: int) -> list[dict]:
                 os.pwrite(fd, mib, i << 20)
             return time.perf_counter() - t0
 
+        seq = [i << 20 for i in range(origin_mib)]
         plain_pass()                       # allocate the file's blocks once
-        plain_runs = []
-        for label in ("1 MiB sequential write, fresh blocks", "1 MiB sequential write, marked"):
+        plain_runs, floor_runs = [], []
+        for label in ("1 MiB sequential write, fresh blocks, QD 1",
+                      "1 MiB sequential write, marked"):
             plain_runs.append(plain_pass())
+            if "fresh" in label:
+                floor_runs.append(floor_pass(fd, meta_fd, seq, mib, 1))
             t0 = time.perf_counter()
             for i in range(origin_mib):
                 dev.write(i << 20, mib)
             era = time.perf_counter() - t0
             plain_runs.append(plain_pass())
-            rows.append(_row(label, origin_mib / sorted(plain_runs)[len(plain_runs) // 2],
-                             origin_mib / era, "MiB/s"))
+            if "fresh" in label:
+                floor_runs.append(floor_pass(fd, meta_fd, seq, mib, 1))
+            row = _row(label, origin_mib / _median(plain_runs), origin_mib / era, "MiB/s")
+            if "fresh" in label:
+                _add_floor(row, origin_mib / _median(floor_runs))
+            rows.append(row)
         # -- 4 KiB random writes to marked blocks -------------------------------------------------
         offsets = [rng.randrange(origin_bytes // 4096) * 4096 for _ in range(ops)]
         t0 = time.perf_counter()
@@ -89,13 +137,14 @@ def bench(work: Path, origin_mib: int, ops: int) -> list[dict]:
         os.close(fd)
         engine.shutdown()
     # -- 4 KiB random writes to fresh blocks, 4 KiB era blocks -------------------------------------
-    for writers in (1, 16):
+    for writers in QUEUE_DEPTHS:
         meta, origin = _files(work, origin_bytes)
         engine = Engine()
         engine.create("era", f"0 {origin_bytes // 512} era {meta} {origin} 8")
         dev = engine.device("era")
-        blocks = rng.sample(range(origin_bytes // 4096), ops)
-        per = ops // writers
+        n_ops = ops if writers == 1 else ops * 2
+        blocks = rng.sample(range(origin_bytes // 4096), n_ops)
+        per = n_ops // writers
         fd = os.open(origin, os.O_WRONLY)
         try:
             def plain_writer(t: int) -> None:
@@ -111,36 +160,54 @@ def bench(work: Path, origin_mib: int, ops: int) -> list[dict]:
                 for b in blocks[t * per: (t + 1) * per]:
                     dev.write(b * 4096, page)
 
+            offsets = [b * 4096 for b in blocks[: per * writers]]
             plain = _run_threads(writers, plain_writer)
             durable = _run_threads(writers, durable_writer)
+            floor = [floor_pass(fd, meta_fd, offsets, page, writers)]
             era = _run_threads(writers, era_writer)
+            floor.append(floor_pass(fd, meta_fd, offsets, page, writers))
         finally:
             os.close(fd)
             engine.shutdown()
         n = per * writers
-        row = _row(f"4 KiB random write, fresh blocks, {writers} writer(s)", n / plain, n / era,
+        row = _row(f"4 KiB random write, fresh blocks, QD {writers}", n / plain, n / era,
                    "IOPS")
-        row["durable_baseline"] = round(n / durable, 1)
+        row["durable"] = round(n / durable, 1)
         row["ratio_vs_durable"] = round(durable / era, 3)
+        _add_floor(row, n / _median(floor))
+        row["us_per_write"] = round(era / n * 1e6)
         rows.append(row)
+    os.close(meta_fd)
     return rows
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _add_floor(row: dict, floor_rate: float) -> None:
+    row["floor"] = round(floor_rate, 1)
+    row["ratio_vs_floor"] = round(row["era_device"] / floor_rate, 3)
 
 
 def _row(name: str, plain: float, era: float, unit: str) -> dict:
     return {"operation": name, "unit": unit, "plain_file": round(plain, 1),
             "era_device": round(era, 1), "ratio": round(era / plain, 3),
-            "durable_baseline": "-", "ratio_vs_durable": "-"}
+            "durable": "-", "ratio_vs_durable": "-", "floor": "-", "ratio_vs_floor": "-",
+            "us_per_write": "-"}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--origin-mib", type=int, default=256)
     parser.add_argument("--ops", type=int, default=2000)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="era-target-bench-", dir=args.workdir) as work:
         rows = bench(Path(work), args.origin_mib, args.ops)
-    report("era target: engine device vs plain file I/O on the same files", rows)
+    report("era target: engine device vs plain file I/O and the commit floor, same files",
+           rows)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,19 @@ a 4 KiB chunk) and with two (chunk sizes 8 and 32) on COW files:
 * 1 MiB sequential writes over a region no snapshot has copied yet: every chunk costs a read
   of the old data, a COW write and its share of one commit (two flushes) per write;
 * the same region again: everything is copied, the writes go straight through;
-* 4 KiB random writes to fresh chunks (one copy-out and one commit each).
+* 4 KiB random writes to fresh chunks (one copy-out and one commit each);
+* 4 KiB random first writes from 1, 4, 16 and 64 writer threads (queue depth), one snapshot:
+  concurrent copy-outs share a batch (one data flush, one exception commit).
 
 The COWs are fresh for every pass. Ratios are snapshot-origin / bare throughput; the goal for
 first writes is >= 0.3. A first write must make the copy durable (flush) and its record durable
 (flush) before the origin write may go ahead, so a second baseline is given: the bare origin
-with a flush after every write ("durable"), the least a write that must be on disk costs.
+with a flush after every write ("durable").
+
+The floor, measured in the same run by plain file I/O on the same files: per first write, read
+the old data, write it to the COW file, flush, write a 4 KiB exception record, flush, write the
+origin; with two snapshots the copy goes to both COW files and both are flushed. At queue depth
+n, a group of n writes shares the two flushes and the record write (the least a batch costs).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +40,7 @@ from common import report  # noqa: E402
 from blockera.engine.userspace import Engine  # noqa: E402
 
 MiB = 1 << 20
+QUEUE_DEPTHS = (1, 4, 16, 64)
 
 
 def _file(path: Path, size: int, data: bytes | None = None) -> Path:
@@ -54,6 +63,48 @@ def _stack(engine: Engine, work: Path, origin: Path, sectors: int, snapshots: li
     engine.resume("base")
 
 
+def floor_pass(origin: Path, cows: list[Path], offsets: list[int], data: bytes,
+               group: int) -> float:
+    """Seconds for first writes at `offsets` done by plain file I/O the way the floor allows
+    (see the module docstring): per `group` writes, read + COW write each, flush, record,
+    flush, then the origin writes."""
+    o = os.open(origin, os.O_RDWR)
+    cfds = [os.open(c, os.O_RDWR) for c in cows]
+    record = os.urandom(4096)
+    cow_at = 2 * len(data)
+    try:
+        t0 = time.perf_counter()
+        for i in range(0, len(offsets), group):
+            batch = offsets[i: i + group]
+            for off in batch:
+                old = os.pread(o, len(data), off)
+                for c in cfds:
+                    os.pwrite(c, old, cow_at)
+                cow_at += len(data)
+            for c in cfds:
+                os.fdatasync(c)
+            for c in cfds:
+                os.pwrite(c, record, 4096)
+                os.fdatasync(c)
+            for off in batch:
+                os.pwrite(o, data, off)
+        return time.perf_counter() - t0
+    finally:
+        os.close(o)
+        for c in cfds:
+            os.close(c)
+
+
+def _threads(n: int, fn) -> float:
+    threads = [threading.Thread(target=fn, args=(t,)) for t in range(n)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - t0
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -72,8 +123,14 @@ def bench(work: Path, region_mib: int, ops: int, rounds: int) -> list[dict]:
         label = f"{len(snapshots)} snapshot{'s' if len(snapshots) > 1 else ''}"
         results: dict[str, list[tuple[float, float]]] = {"first": [], "again": [], "random": []}
         durable: dict[str, list[float]] = {"first": [], "again": [], "random": []}
+        floors: dict[str, list[float]] = {"first": [], "random": []}
+        cows = [_file(work / f"floor-cow{i}.img", origin_bytes + 4 * MiB)
+                for i in range(len(snapshots))]
         for _ in range(rounds):
             offsets = [rng.randrange(origin_bytes // 4096) * 4096 for _ in range(ops)]
+            floors["first"].append(floor_pass(origin, cows, [i * MiB for i in range(region_mib)],
+                                              mib, 1))
+            floors["random"].append(floor_pass(origin, cows, offsets, page, 1))
             for mode in ("bare", "snap"):
                 engine = Engine()
                 try:
@@ -129,12 +186,56 @@ def bench(work: Path, region_mib: int, ops: int, rounds: int) -> list[dict]:
             bare = statistics.median(s for snap, s in results[key] if not snap)
             snap = statistics.median(s for snap, s in results[key] if snap)
             flushed = statistics.median(durable[key])
-            rows.append({"operation": f"{name}, {label}", "unit": unit,
-                         "bare_origin": round(amount / bare, 1),
-                         "snapshot_origin": round(amount / snap, 1),
-                         "ratio": round(bare / snap, 3),
-                         "bare_durable": round(amount / flushed, 1),
-                         "ratio_vs_durable": round(flushed / snap, 3)})
+            row = {"operation": f"{name}, {label}", "unit": unit,
+                   "bare_origin": round(amount / bare, 1),
+                   "snapshot_origin": round(amount / snap, 1),
+                   "ratio": round(bare / snap, 3),
+                   "bare_durable": round(amount / flushed, 1),
+                   "ratio_vs_durable": round(flushed / snap, 3),
+                   "floor": "-", "ratio_vs_floor": "-", "us_per_write": "-"}
+            if key in floors:
+                floor = statistics.median(floors[key])
+                row["floor"] = round(amount / floor, 1)
+                row["ratio_vs_floor"] = round(floor / snap, 3)
+            rows.append(row)
+    rows.extend(_queue_depths(work, origin, origin_bytes, ops, page, rng))
+    return rows
+
+
+def _queue_depths(work: Path, origin: Path, origin_bytes: int, ops: int, page: bytes,
+                  rng: random.Random) -> list[dict]:
+    """4 KiB random first writes from QUEUE_DEPTHS writer threads, one snapshot (chunk 8),
+    against the floor at that queue depth."""
+    rows = []
+    sectors = origin_bytes // 512
+    floor_cow = _file(work / "floor-cow-qd.img", origin_bytes + 4 * MiB)
+    for depth in QUEUE_DEPTHS:
+        n = ops * (1 if depth == 1 else 2)
+        chunks = rng.sample(range(origin_bytes // 4096), n)
+        per = n // depth
+        offsets = [c * 4096 for c in chunks[: per * depth]]
+        floors = [floor_pass(origin, [floor_cow], offsets, page, depth)]
+        engine = Engine()
+        try:
+            _stack(engine, work, origin, sectors, [8], origin_bytes)
+            dev = engine.device("base")
+
+            def writer(t: int) -> None:
+                for off in offsets[t * per: (t + 1) * per]:
+                    dev.write(off, page)
+
+            snap = _threads(depth, writer)
+        finally:
+            engine.shutdown()
+        floors.append(floor_pass(origin, [floor_cow], offsets, page, depth))
+        floor = statistics.median(floors)
+        rows.append({"operation": f"4 KiB random first write, 1 snapshot, QD {depth}",
+                     "unit": "IOPS", "bare_origin": "-",
+                     "snapshot_origin": round(len(offsets) / snap, 1), "ratio": "-",
+                     "bare_durable": "-", "ratio_vs_durable": "-",
+                     "floor": round(len(offsets) / floor, 1),
+                     "ratio_vs_floor": round(floor / snap, 3),
+                     "us_per_write": round(snap / len(offsets) * 1e6)})
     return rows
 
 

@@ -136,6 +136,13 @@ class FileDevice(BlockDevice):
     def fileno(self) -> int:
         return self._fd
 
+    def check_range(self, offset_bytes: int, length_bytes: int) -> None:
+        # Within the size last seen no fstat is needed (each one is a system call on every
+        # write); past it the size is read again, so a file that grew is followed.
+        if 0 <= offset_bytes and 0 <= length_bytes and offset_bytes + length_bytes <= self._size:
+            return
+        super().check_range(offset_bytes, length_bytes)
+
     def read(self, offset_bytes: int, length_bytes: int) -> bytes:
         self.check_range(offset_bytes, length_bytes)
         try:

@@ -70,3 +70,38 @@ def test_bitset_cached_word_is_written_on_flush() -> None:
     words = read_array(tm.bm, root, 8, "<u8", "bitset").values
     # docs/persistent-data.md §6: bits {3, 200, 201} -> word 0 = 0x8, word 3 = 0x300
     assert words[0] == 0x8 and words[3] == 0x300 and words.sum() == 0x308
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.one_of(st.integers(1, 2000), st.integers(33000, 100000)),   # 1 to 4 blocks
+       batches=st.lists(st.lists(st.integers(0, 99999), max_size=60), min_size=1, max_size=4),
+       cached=st.one_of(st.none(), st.integers(0, 99999)))
+def test_bitset_set_bits_makes_the_same_metadata_as_bit_by_bit(
+        length: int, batches: list[list[int]], cached: int | None) -> None:
+    """Setting a batch at once allocates the same blocks in the same order as set_bit on each
+    bit then flush: the two metadata devices end up byte for byte identical."""
+    devices = []
+    for bulk in (False, True):
+        tm, _ = fresh_tm()
+        bitset = Bitset(tm)
+        root = bitset.resize(bitset.empty(), 0, length, False)
+        commit(tm)
+        if cached is not None and cached < length:
+            root = bitset.set_bit(root, cached)        # a dirty cached word before the batch
+        for batch in batches:
+            bits = [b for b in batch if b < length]
+            if bulk:
+                root = bitset.set_bits(root, bits)
+            else:
+                for bit in bits:
+                    root = bitset.set_bit(root, bit)
+                root = bitset.flush(root)
+            commit(tm)
+        devices.append((root, bytes(tm.bm.dev.data)))
+        words = read_array(tm.bm, root, -(-length // 64), "<u8", "bitset").values
+        expected = np.zeros(len(words), dtype=np.uint64)
+        for bit in [b for batch in batches for b in batch if b < length] + (
+                [cached] if cached is not None and cached < length else []):
+            expected[bit // 64] |= np.uint64(1 << (bit % 64))
+        assert np.array_equal(words, expected)
+    assert devices[0] == devices[1]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -410,3 +412,74 @@ def test_cow_tools_read_engine_devices(stack: Stack) -> None:
     assert os.path.exists(stack.cow_file)
     result = changed_chunks(read_cow(stack.engine.device("snap-cow")))
     assert result.ranges() == [[0, 3]]
+
+
+class _GatedFile(FileDevice):
+    """An image file whose flushes are counted and, while `gate` is clear, held back."""
+
+    def __init__(self, path: str, writable: bool) -> None:
+        super().__init__(path, writable=writable)
+        self.flushes = 0
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self.gate.wait(60)
+        super().flush()
+
+
+def test_concurrent_origin_writes_share_one_copy_out_commit(tmp_path: Path) -> None:
+    """Origin writes that need copy-outs while a batch is committing wait for the next batch,
+    and that batch copies all their chunks with one commit (one data flush, one area write,
+    one flush) before any of them reaches the origin."""
+    files: dict[str, _GatedFile] = {}
+
+    def opener(path: str, writable: bool) -> FileDevice:
+        files[Path(path).name] = _GatedFile(path, writable)
+        return files[Path(path).name]
+
+    engine = Engine(file_opener=opener)
+    origin = image(tmp_path / "origin.img", 4 * MiB, pattern(2, 4 * MiB))
+    cow = image(tmp_path / "cow.img", 2 * MiB)
+    sectors = 4 * MiB // 512
+    engine.create("base-real", f"0 {sectors} linear {origin} 0")
+    engine.create("base", f"0 {sectors} snapshot-origin /dev/mapper/base-real")
+    engine.suspend("base")
+    engine.create("snap", f"0 {sectors} snapshot /dev/mapper/base-real {cow} P 8")
+    engine.resume("base")
+    base = engine.device("base")
+    original = base.read(0, 4 * MiB)
+    cow_file = files["cow.img"]
+    group = base.live.targets[0].group
+    try:
+        cow_file.flushes = 0
+        cow_file.gate.clear()
+        first = threading.Thread(target=base.write, args=(0, pattern(3, 4 * KiB)))
+        first.start()
+        deadline = time.monotonic() + 30
+        while cow_file.flushes == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        others = [threading.Thread(target=base.write, args=((10 + i) * 8 * KiB,
+                                                             pattern(4 + i, 4 * KiB)))
+                  for i in range(8)]
+        for t in others:
+            t.start()
+        while len(group.batches.waiting) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(group.batches.waiting) == 8
+        assert base.read(10 * 8 * KiB, 4 * KiB) == original[10 * 8 * KiB: 10 * 8 * KiB + 4 * KiB]
+        cow_file.gate.set()
+        for t in [first, *others]:
+            t.join(60)
+        assert cow_file.flushes == 4                      # two batches, two flushes each
+        after = base.read(0, 4 * MiB)
+        for i in range(8):
+            at = (10 + i) * 8 * KiB
+            assert after[at: at + 4 * KiB] == pattern(4 + i, 4 * KiB)
+        assert engine.device("snap").read(0, 4 * MiB) == original
+        engine.settle()
+        assert engine.status("snap").split()[3] == f"{(2 + 9) * 8}/{2 * MiB // 512}"
+    finally:
+        cow_file.gate.set()
+        engine.shutdown()

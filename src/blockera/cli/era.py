@@ -123,16 +123,14 @@ def restore(input_path: str, output_path: str, quiet: bool) -> None:
       blockera era restore -i era.xml -o meta.img
     """
     from blockera.cli.files import open_output_device, refuse_output_over_input
-    from blockera.era.restore import write_image
-    from blockera.era.xml_parse import parse_era_xml
+    from blockera.era.restore import restore_xml
     from blockera.units import METADATA_BLOCK_BYTES
 
     refuse_output_over_input(output_path, input_path)
     with open_output_device(output_path) as dev:
         if dev.size_bytes < METADATA_BLOCK_BYTES:
             raise DeviceError(f"{output_path}: output is smaller than one 4 KiB metadata block")
-        desc = parse_era_xml(input_path, metadata_blocks=dev.size_bytes // METADATA_BLOCK_BYTES)
-        used = write_image(dev, desc)
+        desc, used = restore_xml(dev, input_path)
     if not quiet:
         click.echo(f"restored {desc.nr_blocks} blocks, {len(desc.writesets)} writesets, era "
                    f"{desc.current_era}: {used} metadata blocks used", err=True)

@@ -4,7 +4,9 @@ Checks what 0.9.0 `era_check` checks (superblock, writeset tree and every archiv
 era array, eras not above the current era) and what it does not: the current writeset, the held
 metadata snapshot, and the space map's reference counts against every structure, with the
 persistent-data checker (docs/persistent-data.md §7). Findings are collected (the check goes on
-after damage where it can) and the result is `ok` only if there are no errors.
+after damage where it can) and the result is `ok` only if there are no errors. Arrays are
+checked block by block as they are read, so memory does not grow with the number of origin
+blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +23,23 @@ from blockera.pdata.bitset import words_for_bits
 from blockera.pdata.checker import CheckReport, MetadataChecker
 
 KNOWN_FLAGS = 1   # bit 0: clean shutdown (thin-provisioning-tools)
+
+
+class _TooGreat:
+    """Counts era array entries above the current era as the array's blocks go by, keeping
+    the first one."""
+
+    def __init__(self, current_era: int) -> None:
+        self.current_era = current_era
+        self.count = 0
+        self.block = self.era = 0
+
+    def __call__(self, start: int, eras: np.ndarray) -> None:
+        above = np.flatnonzero(eras > self.current_era)
+        if len(above):
+            if not self.count:
+                self.block, self.era = start + int(above[0]), int(eras[above[0]])
+            self.count += len(above)
 
 
 class EraChecker(MetadataChecker):
@@ -56,8 +75,8 @@ class EraChecker(MetadataChecker):
             for era, raw in zip(keys.tolist(), values):
                 nr_bits, bitset_root = struct.unpack("<IQ", raw.tobytes())
                 prefix = "snapshot " if what.startswith("snapshot") else ""
-                self.array(bitset_root, words_for_bits(nr_bits), "<u8",
-                            f"{prefix}writeset of era {era}")
+                self.scan_array(bitset_root, words_for_bits(nr_bits), "<u8",
+                                f"{prefix}writeset of era {era}")
 
     # -- the whole check ---------------------------------------------------------------------------
     def run(self, superblock_only: bool = False) -> CheckReport:
@@ -68,17 +87,17 @@ class EraChecker(MetadataChecker):
         self.report.sections.append("examining writeset tree")
         self._writeset_tree(sb.writeset_tree_root, "writeset tree")
         self.report.sections.append("examining era array")
-        eras = self.array(sb.era_array_root, sb.nr_blocks, "<u4", "era array")
-        if eras is not None:
-            too_great = np.flatnonzero(eras > sb.current_era)
-            if len(too_great):
-                b = int(too_great[0])
-                self.error(f"era array: {len(too_great)} entries have an era greater than the "
-                           f"current era {sb.current_era} (first: block {b}, era {int(eras[b])})")
+        too_great = _TooGreat(sb.current_era)
+        if self.scan_array(sb.era_array_root, sb.nr_blocks, "<u4", "era array", too_great):
+            if too_great.count:
+                self.error(f"era array: {too_great.count} entries have an era greater than the "
+                           f"current era {sb.current_era} (first: block {too_great.block}, era "
+                           f"{too_great.era})")
         if sb.current_writeset.root:
             self.report.sections.append("examining current writeset")
-            self.array(sb.current_writeset.root, words_for_bits(sb.current_writeset.nr_bits),
-                        "<u8", "current writeset")
+            self.scan_array(sb.current_writeset.root,
+                            words_for_bits(sb.current_writeset.nr_bits), "<u8",
+                            "current writeset")
         if sb.metadata_snap:
             self.report.sections.append("examining metadata snapshot")
             self._snapshot(sb.metadata_snap)
@@ -94,7 +113,7 @@ class EraChecker(MetadataChecker):
             self.error(f"metadata snapshot: {exc}")
             return
         self._writeset_tree(snap.writeset_tree_root, "snapshot writeset tree")
-        self.array(snap.era_array_root, snap.nr_blocks, "<u4", "snapshot era array")
+        self.scan_array(snap.era_array_root, snap.nr_blocks, "<u4", "snapshot era array")
 
 def check_era_metadata(dev: BlockDevice, *, superblock_only: bool = False) -> CheckReport:
     return EraChecker(dev).run(superblock_only)

@@ -19,7 +19,7 @@ from blockera.era.superblock import (SUPERBLOCK, SUPERBLOCK_LOCATION, Superblock
                                      structural_problems)
 from blockera.pdata.bitset import words_for_bits
 from blockera.pdata.block_manager import BlockManager
-from blockera.pdata.walkers import read_array, walk_btree
+from blockera.pdata.walkers import ArrayReader, read_array, walk_btree
 
 
 @dataclass
@@ -87,6 +87,16 @@ class EraImage:
         return WritesetBits(era, record.nr_bits, record.root,
                             _mask_tail(contents.values, record.nr_bits))
 
+    def writeset_reader(self, era: int, record: Writeset) -> ArrayReader:
+        """The words of a writeset, read on demand (see `bits`)."""
+        return ArrayReader(self.bm, record.root, words_for_bits(record.nr_bits), "<u8",
+                           f"writeset of era {era}")
+
+    def era_array_reader(self) -> ArrayReader:
+        """The era array, read on demand."""
+        return ArrayReader(self.bm, self.sb.era_array_root, self.sb.nr_blocks, "<u4",
+                           "era array")
+
     def writesets(self) -> list[WritesetBits]:
         return [self.read_writeset(era, rec) for era, rec in self.writeset_records()]
 
@@ -135,6 +145,19 @@ class EraImage:
             np.maximum(eras[: len(bits)], np.where(bits, ws.era, 0).astype(np.uint32),
                        out=eras[: len(bits)])
         return eras
+
+
+def bits(reader: ArrayReader, nr_bits: int, start: int, stop: int) -> np.ndarray:
+    """Bits [start, stop) of a writeset of `nr_bits` bits read through `reader`, as bools
+    (bits at or past nr_bits are not returned)."""
+    stop = min(stop, nr_bits)
+    if start >= stop:
+        return np.zeros(0, dtype=bool)
+    first_word = start // 64
+    words = reader.values(first_word, -(-stop // 64))
+    raw = np.unpackbits(words.view(np.uint8), bitorder="little")
+    offset = start - first_word * 64
+    return raw[offset: offset + stop - start].astype(bool)
 
 
 def _refuse_unusable(sb: Superblock, device_blocks: int, what: str) -> None:

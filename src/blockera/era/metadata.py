@@ -45,6 +45,11 @@ class InCoreWriteset:
     def mark(self, block: int) -> None:
         self.words[block >> 6] |= np.uint64(1 << (block & 63))
 
+    def mark_many(self, blocks: list[int]) -> None:
+        b = np.asarray(blocks, dtype=np.uint64)
+        np.bitwise_or.at(self.words, b >> np.uint64(6),
+                         np.left_shift(np.uint64(1), b & np.uint64(63)))
+
 
 @dataclass
 class Stats:
@@ -262,6 +267,19 @@ class EraMetadata:
             return True
         ws.md.root = self.bitset_info.set_bit(ws.md.root, block)
         return False
+
+    def writeset_set_many(self, blocks: list[int]) -> list[int]:
+        """`writeset_test_and_set` for a batch: set, in the on-disk current writeset, every
+        block of `blocks` the in-core copy does not have, with one write per bitset word (the
+        same metadata changes, in the same order, as setting them one by one). Returns the
+        blocks that were not marked yet, in order (the caller marks them in core once the
+        commit has succeeded)."""
+        ws = self.current_writeset
+        words = ws.words
+        fresh = [b for b in blocks if not (int(words[b >> 6]) >> (b & 63)) & 1]
+        if fresh:
+            ws.md.root = self.bitset_info.set_bits(ws.md.root, fresh)
+        return fresh
 
     # -- digestion -------------------------------------------------------------------------------
     def digest_start(self, digest: DigestProgress) -> None:

@@ -38,12 +38,13 @@ log = logging.getLogger(__name__)
 _UINT_RE = re.compile(r"^\s*\+?\d+$", re.ASCII)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Mark:
-    """A write waiting for its block to be marked (the kernel's deferred bio)."""
+    """The blocks of one write waiting for their first mark in this era (the kernel's deferred
+    bio). `done` is set, under the worker's condition, by the pass that recorded them."""
 
-    block: int
-    done: threading.Event = field(default_factory=threading.Event)
+    blocks: list[int]
+    done: bool = False
     error: BlockeraError | None = None
 
 
@@ -58,9 +59,18 @@ class _Call:
 
 
 class _Worker:
+    """Runs the passes over the metadata, one at a time. Background work (digestion steps,
+    calls) runs on the worker thread; a pass for waiting writes runs on a waiting writer that
+    finds no pass in progress and no digestion due (group commit: the pass carries every write
+    queued when it starts; writes that arrive meanwhile wait for the next one). Either way a
+    pass is the kernel's do_work, and passes follow one another as they would on one thread."""
+
     def __init__(self, target: "EraTarget") -> None:
         self.target = target
         self.cv = threading.Condition()
+        # the worker thread waits on its own condition (same lock), so the end of every
+        # writer's pass does not wake it for nothing
+        self.thread_cv = threading.Condition(self.cv._lock)  # type: ignore[attr-defined]
         self.marks: list[_Mark] = []
         self.calls: list[_Call] = []
         self.suspended = False
@@ -75,29 +85,58 @@ class _Worker:
     def _has_work(self) -> bool:
         return bool(self.marks or self.calls or self.requeue)
 
+    def _digesting(self) -> bool:
+        """Digestion is due or under way. Its steps then stay on the worker thread, writes
+        included, as with the kernel's single worker: which step a commit comes after decides
+        which blocks it allocates, and the thread runs the steps back to back."""
+        return self.requeue or self.digest.step is not None or self.target.md.archived_writesets
+
     def _run(self) -> None:
         while True:
             with self.cv:
-                while not self.exiting and (self.suspended or not self._has_work()):
-                    self.cv.wait()
+                # waiting writes run their own passes unless digestion is under way; the
+                # thread takes calls, digestion and the writes that arrive meanwhile
+                while not self.exiting and (self.suspended or self.busy or not (
+                        self.calls or self.requeue or (self.marks and self._digesting()))):
+                    self.thread_cv.wait()
                 if self.exiting:
                     return
                 self.busy = True
                 self.requeue = False
-            try:
-                with self.target.md_lock:
-                    self._do_work()
-            except Exception:   # a bug must not kill the thread silently with callers waiting
-                log.exception("era worker pass failed")
-            finally:
-                with self.cv:
-                    self.busy = False
-                    self.cv.notify_all()
+            self._pass()
 
-    def submit_marks(self, marks: list[_Mark]) -> None:
+    def _pass(self) -> None:
+        """One pass; the caller has set `busy`."""
+        try:
+            with self.target.md_lock:
+                self._do_work()
+        except Exception:   # a bug must not kill the thread silently with callers waiting
+            log.exception("era worker pass failed")
+        finally:
+            with self.cv:
+                self.busy = False
+                self.cv.notify_all()
+                if self.calls or self.requeue:
+                    self.thread_cv.notify()
+
+    def mark(self, mark: _Mark) -> None:
+        """Queue `mark` and return once a pass has recorded it (or failed to: `mark.error`),
+        running that pass on this thread when no other pass is in progress."""
         with self.cv:
-            self.marks.extend(marks)
-            self.cv.notify_all()
+            self.marks.append(mark)
+            while not mark.done:
+                if self._digesting():
+                    self.thread_cv.notify()
+                elif not (self.busy or self.suspended or self.exiting):
+                    self.busy = True
+                    self.requeue = False
+                    break
+                self.cv.wait()
+            else:
+                return
+        self._pass()            # `mark` was queued before this pass began: it is done now
+        if not mark.done:       # the pass failed on a bug (logged): refuse the write
+            mark.error = DeviceError("era: the metadata pass failed")
 
     def call(self, fn: Callable[[EraMetadata], object]) -> object:
         call = _Call(fn)
@@ -107,7 +146,7 @@ class _Worker:
                                   "status and messages need a resume first (the kernel would "
                                   "hang here)", errno_name="EBUSY")
             self.calls.append(call)
-            self.cv.notify_all()
+            self.thread_cv.notify()
         call.done.wait()
         if call.error is not None:
             raise call.error
@@ -117,6 +156,7 @@ class _Worker:
         with self.cv:
             self.suspended = False
             self.cv.notify_all()
+            self.thread_cv.notify()
 
     def stop(self) -> None:
         with self.cv:
@@ -133,6 +173,7 @@ class _Worker:
         with self.cv:
             self.exiting = True
             self.cv.notify_all()
+            self.thread_cv.notify()
         self.thread.join()
 
     # -- one pass (the kernel's do_work) -----------------------------------------------------------
@@ -168,30 +209,24 @@ class _Worker:
         if not batch:
             return
         ws = md.current_writeset
-        commit_needed = False
         error: BlockeraError | None = None
-        for mark in batch:
-            try:
-                if not md.writeset_test_and_set(mark.block):
-                    commit_needed = True
-            except BlockeraError as exc:
-                error = exc
-                break
-        if commit_needed and error is None:
-            try:
+        fresh: list[int] = []
+        try:
+            fresh = md.writeset_set_many([b for mark in batch for b in mark.blocks])
+            if fresh:
                 md.commit()
-            except BlockeraError as exc:
-                error = exc
+        except BlockeraError as exc:
+            error = exc
         if error is not None:
             self._rollback(md)
             failure = _write_failure(error)
             for mark in batch:
                 mark.error = failure
-        elif commit_needed:
+        elif fresh:
+            ws.mark_many(fresh)
+        with self.cv:
             for mark in batch:
-                ws.mark(mark.block)
-        for mark in batch:
-            mark.done.set()
+                mark.done = True
 
     def _process_calls(self, md: EraMetadata) -> None:
         with self.cv:
@@ -262,16 +297,14 @@ class EraTarget(Target):
 
     def _mark(self, blocks: range | list[int]) -> None:
         """Make sure every block is marked in this era before returning."""
-        md = self.md
-        marks = [_Mark(b) for b in blocks if not md.current_marked(b)]
-        if not marks:
+        writeset = self.md.current_writeset
+        unmarked = [b for b in blocks if not writeset.marked(b)]
+        if not unmarked:
             return
-        self.worker.submit_marks(marks)
-        for mark in marks:
-            mark.done.wait()
-        for mark in marks:
-            if mark.error is not None:
-                raise mark.error
+        mark = _Mark(unmarked)
+        self.worker.mark(mark)
+        if mark.error is not None:
+            raise mark.error
 
     def read(self, sector: int, nr_sectors: int) -> bytes:
         return self.origin.dev.read(sector * SECTOR_BYTES, nr_sectors * SECTOR_BYTES)

@@ -23,7 +23,7 @@ import sys
 import xml.parsers.expat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from blockera.pdata.array import array_max_entries
 from blockera.pdata.bitset import words_for_bits
 
 U32_MAX = (1 << 32) - 1
-CHUNK_BYTES = 1 << 26
+CHUNK_BYTES = 1 << 17          # bytes of XML scanned at a time (bounds the scanner's memory)
 _ASCII_DECIMAL = re.compile(r"[0-9]{1,20}\Z")
 
 
@@ -59,8 +59,18 @@ class EraDescription:
 class _Builder:
     """Receives parse events, checks nesting and attribute values, accumulates the image."""
 
-    def __init__(self, metadata_blocks: int | None = None) -> None:
+    def __init__(self, metadata_blocks: int | None = None, *, keep_eras: bool = True,
+                 keep_bits: bool = True,
+                 on_eras: Callable[[np.ndarray, np.ndarray], None] | None = None) -> None:
+        """`keep_eras` / `keep_bits`: hold the era array / the writesets' bits in the
+        description (else they are checked and dropped); `on_eras(blocks, eras)` receives the
+        era entries as they are parsed (checked, in document order)."""
         self.metadata_blocks = metadata_blocks
+        self.keep_eras = keep_eras
+        self.keep_bits = keep_bits
+        self.on_eras = on_eras
+        self.eras_ascending = True      # every <era> block number above the one before it
+        self.last_era_block = -1
         self.needed_blocks = 1          # the superblock; arrays are added as they are declared
         self.result: EraDescription | None = None
         self.finished = False
@@ -120,7 +130,8 @@ class _Builder:
                                     "sectors", line=line)
             self._reserve(nr_blocks, 4, f"the era array of {nr_blocks} blocks", line)
             self.result = EraDescription(attrs["uuid"], block_size, nr_blocks, current_era,
-                                         [], np.zeros(nr_blocks, dtype=np.uint32))
+                                         [], np.zeros(nr_blocks if self.keep_eras else 0,
+                                                      dtype=np.uint32))
         elif tag == "writeset":
             self._context("superblock", tag, line)
             era = self._int(attrs, "era", tag, line)
@@ -134,8 +145,8 @@ class _Builder:
             self._reserve(words_for_bits(nr_bits), 8, f"the writeset of era {era} "
                           f"({nr_bits} bits)", line)
             self.seen_eras.add(era)
-            self.ws = WritesetDescription(era, nr_bits,
-                                          np.zeros(words_for_bits(nr_bits), dtype=np.uint64))
+            self.ws = WritesetDescription(era, nr_bits, np.zeros(
+                words_for_bits(nr_bits) if self.keep_bits else 0, dtype=np.uint64))
             self.last_bit = -1
         elif tag == "bit":
             self._context("writeset", tag, line)
@@ -185,6 +196,8 @@ class _Builder:
             i = int(bad[0])
             raise XmlInputError(f"<bit block=\"{int(blocks[i])}\"> is outside writeset era "
                                 f"{ws.era} of {ws.nr_bits} bits", line=line_of(i))
+        if not self.keep_bits:
+            return
         ascending = len(blocks) == 1 or bool(np.all(blocks[1:] > blocks[:-1]))
         if not (ascending and int(blocks[0]) > self.last_bit):
             # out of order or repeated: keep the last value given for each block
@@ -216,7 +229,14 @@ class _Builder:
         if len(bad):
             raise XmlInputError(f"<era era=\"{int(eras[bad[0]])}\"> is after the current era "
                                 f"{result.current_era}", line=line_of(int(bad[0])))
-        result.era_array[blocks.astype(np.intp)] = eras.astype(np.uint32)
+        if self.eras_ascending:
+            self.eras_ascending = int(blocks[0]) > self.last_era_block and (
+                len(blocks) == 1 or bool(np.all(blocks[1:] > blocks[:-1])))
+            self.last_era_block = int(blocks[-1])
+        if self.keep_eras:
+            result.era_array[blocks.astype(np.intp)] = eras.astype(np.uint32)
+        if self.on_eras is not None:
+            self.on_eras(blocks, eras)
 
     def finish(self) -> EraDescription:
         if self.result is None:
@@ -318,7 +338,7 @@ def _whitespace(values: np.ndarray) -> np.ndarray:
 
 
 class _FastScanner:
-    def __init__(self, data: mmap.mmap | bytes, builder: _Builder) -> None:
+    def __init__(self, data: mmap.mmap | bytes | BinaryIO, builder: _Builder) -> None:
         self.data = data
         self.builder = builder
         self.lines_before = 0
@@ -328,6 +348,9 @@ class _FastScanner:
         return self.lines_before + int(np.searchsorted(self.newlines, offset)) + 1
 
     def run(self) -> None:
+        if not isinstance(self.data, (bytes, bytearray, mmap.mmap)):
+            self._run_file(self.data)
+            return
         data = self.data
         size = len(data)
         start = 0
@@ -349,6 +372,39 @@ class _FastScanner:
                 data.madvise(mmap.MADV_DONTNEED, start - start % mmap.PAGESIZE,
                              stop - start + start % mmap.PAGESIZE)
             start = stop
+
+    def _run_file(self, f: BinaryIO) -> None:
+        """`run` over a file read CHUNK_BYTES at a time: each chunk ends after its last '>',
+        the rest is carried into the next one (so only about two chunks are ever held)."""
+        carry = b""
+        first = True
+        while True:
+            block = f.read(CHUNK_BYTES)
+            data = carry + block if carry else block
+            if first:
+                first = False
+                if data[:5] == b"<?xml":
+                    end = data.find(b"?>")
+                    if end < 0:
+                        raise _NotCanonical()
+                    self.lines_before = data[: end + 2].count(b"\n")
+                    data = data[end + 2:]
+            if block:
+                stop = data.rfind(b">") + 1
+                if stop == 0:
+                    carry = data
+                    continue
+            else:
+                stop = len(data)
+            if stop:
+                chunk = np.frombuffer(data, dtype=np.uint8, count=stop)
+                self.newlines = np.flatnonzero(chunk == 10)
+                self.scan_chunk(chunk)
+                self.lines_before += len(self.newlines)
+                del chunk
+            carry = data[stop:]
+            if not block:
+                return
 
     def _check_gaps(self, c: np.ndarray, lt: np.ndarray, gt: np.ndarray) -> None:
         """Only whitespace may lie between tags (and before the first / after the last)."""
@@ -452,9 +508,9 @@ class _FastScanner:
             prev = tag_index + 1
 
 
-def _parse_with_expat(data: bytes | mmap.mmap,
-                      metadata_blocks: int | None = None) -> EraDescription:
-    builder = _Builder(metadata_blocks)
+def _parse_with_expat(data: bytes | mmap.mmap | BinaryIO, builder: _Builder | None = None
+                      ) -> EraDescription:
+    builder = builder or _Builder()
     parser = xml.parsers.expat.ParserCreate()
     parser.buffer_text = True
 
@@ -473,7 +529,10 @@ def _parse_with_expat(data: bytes | mmap.mmap,
     parser.EndElementHandler = end
     parser.CharacterDataHandler = text
     try:
-        parser.Parse(bytes(data), True)
+        if isinstance(data, (bytes, bytearray, mmap.mmap)):
+            parser.Parse(bytes(data), True)
+        else:
+            parser.ParseFile(data)
     except xml.parsers.expat.ExpatError as exc:
         raise XmlInputError(f"not well-formed XML: {xml.parsers.expat.ErrorString(exc.code)}",
                             line=exc.lineno) from None
@@ -484,36 +543,118 @@ def parse_era_xml(path: str | Path, metadata_blocks: int | None = None) -> EraDe
     """Parse an era metadata XML file; "-" is standard input. A regular file is mapped,
     anything else (a pipe) is read whole. With `metadata_blocks`, input whose arrays cannot fit
     that many metadata blocks is refused before their memory is allocated."""
-    try:
-        if str(path) == "-":
-            data: bytes | mmap.mmap = sys.stdin.buffer.read()
-        else:
-            with open(path, "rb") as f:
-                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                    data = f.read()
-                elif f.seek(0, 2) == 0:
-                    data = b""
-                else:
-                    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except OSError as exc:
-        raise DeviceError(f"{path}: cannot read input: {exc.strerror}") from None
-    if not data:
-        raise XmlInputError(f"{path}: the input is empty")
-    try:
-        return parse_era_xml_bytes(data, metadata_blocks)
-    finally:
-        if isinstance(data, mmap.mmap):
-            try:
-                data.close()
-            except BufferError:
-                pass   # an error's traceback still holds views of the buffer; freed with them
+    with EraXmlSource(path) as source:
+        return source.parse(metadata_blocks)
+
+
+class EraXmlSource:
+    """An era XML input opened for one or more passes: a regular file is read a chunk at a
+    time (again for each pass), anything else (standard input "-", a pipe) is read whole once.
+
+    `describe()` parses everything once, checking it all, and holds the writesets' bits but
+    not the era array when the entries come in ascending block order (as era_dump writes
+    them) and the input can be read again; `replay_eras()` then parses again, handing the
+    entries over as they come, so a restore writes the era array without ever holding it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+        self.data: bytes | None = None
+        try:
+            if str(path) == "-":
+                self.data = sys.stdin.buffer.read()
+            else:
+                with open(path, "rb") as f:
+                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        self.data = f.read()
+                    elif f.seek(0, 2) == 0:
+                        self.data = b""
+        except OSError as exc:
+            raise DeviceError(f"{path}: cannot read input: {exc.strerror}") from None
+        if self.data is not None and not self.data:
+            raise XmlInputError(f"{path}: the input is empty")
+        self.eras_streamed = False
+        self._entries = 0
+
+    def __enter__(self) -> "EraXmlSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.data = None
+
+    def _pass(self, builder: _Builder) -> EraDescription:
+        if self.data is not None:
+            return _parse(self.data, builder)
+        try:
+            with open(self.path, "rb") as f:
+                return _parse(f, builder)
+        except OSError as exc:
+            raise DeviceError(f"{self.path}: cannot read input: {exc.strerror}") from None
+
+    def parse(self, metadata_blocks: int | None = None) -> EraDescription:
+        """Everything, the era array included."""
+        return self._pass(_Builder(metadata_blocks))
+
+    def describe(self, metadata_blocks: int | None = None) -> EraDescription:
+        """Everything checked; the era array is left out (`eras_streamed`, see `replay_eras`)
+        when that is possible, else included as by `parse`."""
+        if self.data is not None:
+            return self.parse(metadata_blocks)
+        counter = _Counter()
+        builder = _Builder(metadata_blocks, keep_eras=False, on_eras=counter)
+        try:
+            desc = self._pass(builder)
+        except _NotCanonical:          # hand-formatted XML: expat, one pass
+            return self.parse(metadata_blocks)
+        if not builder.eras_ascending:
+            return self.parse(metadata_blocks)
+        self.eras_streamed = True
+        self._entries = counter.entries
+        return desc
+
+    def replay_eras(self, on_eras: Callable[[np.ndarray, np.ndarray], None]) -> None:
+        """Parse again (after `describe` left the era array out), calling `on_eras(blocks,
+        eras)` with the era entries in ascending block order."""
+        assert self.eras_streamed
+        counter = _Counter()
+
+        def entries(blocks: np.ndarray, eras: np.ndarray) -> None:
+            counter(blocks, eras)
+            on_eras(blocks, eras)
+
+        builder = _Builder(None, keep_eras=False, keep_bits=False, on_eras=entries)
+        try:
+            self._pass(builder)
+        except _NotCanonical:
+            raise XmlInputError(f"{self.path}: the input changed while it was being "
+                                "restored") from None
+        if not builder.eras_ascending or counter.entries != self._entries:
+            raise XmlInputError(f"{self.path}: the input changed while it was being restored")
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.entries = 0
+
+    def __call__(self, blocks: np.ndarray, eras: np.ndarray) -> None:
+        self.entries += len(blocks)
 
 
 def parse_era_xml_bytes(data: bytes | mmap.mmap,
                         metadata_blocks: int | None = None) -> EraDescription:
-    builder = _Builder(metadata_blocks)
+    return _parse(data, _Builder(metadata_blocks))
+
+
+def _parse(data: bytes | mmap.mmap | BinaryIO, builder: _Builder) -> EraDescription:
+    """The fast scanner, else expat (which starts again from the beginning: a builder that
+    hands entries on as they come must not go there, see `EraXmlSource.describe`)."""
     try:
         _FastScanner(data, builder).run()
     except _NotCanonical:
-        return _parse_with_expat(data, metadata_blocks)
+        if builder.on_eras is not None:
+            raise
+        if not isinstance(data, (bytes, bytearray, mmap.mmap)):
+            data.seek(0)
+        return _parse_with_expat(data, _Builder(builder.metadata_blocks,
+                                                keep_eras=builder.keep_eras,
+                                                keep_bits=builder.keep_bits))
     return builder.finish()

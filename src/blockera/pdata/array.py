@@ -144,6 +144,28 @@ class Array:
         buf[off: off + self.value_size] = value
         return root
 
+    def or_words(self, root: int, masks: dict[int, int]) -> int:
+        """OR each mask of `masks` (index -> integer) into the value at that index, visiting
+        the indexes in the dict's order; returns the new root. Every array block is shadowed
+        once, the first time one of its indexes comes up, so allocations happen in the same
+        order as a `set` per index in that order would make them (the later sets of a block
+        already shadowed change it in place)."""
+        vs = self.value_size
+        buffers: dict[int, bytearray] = {}
+        for index, mask in masks.items():
+            block_index, entry = divmod(index, self.max_entries)
+            buf = buffers.get(block_index)
+            if buf is None:
+                root, buf = self._shadow_ablock(root, block_index)
+                buffers[block_index] = buf
+            _, _, nr, _ = _HEADER.unpack_from(buf, 0)
+            if entry >= nr:
+                raise MetadataError(f"array index {index} is beyond the array's last block")
+            off = ARRAY_HEADER_BYTES + entry * vs
+            old = int.from_bytes(buf[off: off + vs], "little")
+            buf[off: off + vs] = (old | mask).to_bytes(vs, "little")
+        return root
+
     def delete(self, root: int) -> None:
         self.btree.delete(root)
 

@@ -9,6 +9,7 @@ every commit, so committed metadata holds every bit that was acted on).
 from __future__ import annotations
 
 import struct
+from typing import Iterable
 
 from blockera.pdata.array import Array
 from blockera.pdata.transaction import TransactionManager
@@ -67,6 +68,24 @@ class Bitset:
         self._dirty = True
         return root
 
+
+    def set_bits(self, root: int, bits: Iterable[int]) -> int:
+        """Set every bit of `bits` and write the words back (no word stays cached); returns
+        the new root. The array sees the same changes in the same order as `set_bit` on each
+        bit followed by `flush`: each word is written once, its array block shadowed when the
+        cache would first have written a word of it, so a batch allocates exactly the blocks,
+        in the order, that bit-by-bit setting would."""
+        masks: dict[int, int] = {}
+        if self._index is not None and self._dirty:
+            masks[self._index] = self._bits     # the cached word is written first
+        self._index = None
+        self._dirty = False
+        for bit in bits:
+            index = bit // BITS_PER_WORD
+            masks[index] = masks.get(index, 0) | (1 << (bit % BITS_PER_WORD))
+        if not masks:
+            return root
+        return self.array.or_words(root, masks)
 
     def forget(self) -> None:
         """Drop the cached word without writing it (after an aborted transaction)."""

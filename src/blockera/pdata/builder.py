@@ -11,6 +11,7 @@ superblock over new blocks), writes every other block, flushes, and writes the s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import crc32c
 import numpy as np
@@ -62,6 +63,53 @@ def array_blocks(values: np.ndarray, first_location: int) -> np.ndarray:
     return blocks
 
 
+ArrayProducer = Callable[[Callable[[np.ndarray, np.ndarray], None]], None]
+STREAM_GROUP_BLOCKS = 64       # array blocks assembled and written at a time (256 KiB)
+
+
+class _StreamedArrayWriter:
+    """Assembles a streamed array's blocks a group at a time from ascending (index, value)
+    pairs and writes each group as soon as no later pair can fall in it."""
+
+    def __init__(self, dev: BlockDevice, location: int, length: int, dtype: str,
+                 on_bytes: Callable[[int], object]) -> None:
+        self.dev = dev
+        self.location = location
+        self.length = length
+        self.on_bytes = on_bytes
+        self.max_entries = array_max_entries(np.dtype(dtype).itemsize)
+        self.group_entries = STREAM_GROUP_BLOCKS * self.max_entries
+        self.group_start = 0
+        self.buffer = np.zeros(self.group_entries, dtype=dtype)
+
+    def put(self, indexes: np.ndarray, values: np.ndarray) -> None:
+        indexes = indexes.astype(np.int64)
+        i, n = 0, len(indexes)
+        while i < n:
+            if int(indexes[i]) < self.group_start:
+                raise ValueError("streamed array entries must come in ascending order")
+            end = self.group_start + self.group_entries
+            j = int(np.searchsorted(indexes, end, side="left"))
+            if j > i:
+                self.buffer[indexes[i:j] - self.group_start] = values[i:j]
+                i = j
+            if i < n:
+                self._write_group()
+
+    def _write_group(self) -> None:
+        count = min(self.group_entries, self.length - self.group_start)
+        first_block = self.group_start // self.max_entries
+        blocks = array_blocks(self.buffer[:count], self.location + first_block)
+        self.dev.write((self.location + first_block) * BLOCK, blocks.tobytes())
+        self.on_bytes(blocks.nbytes)
+        self.buffer[:] = 0
+        self.group_start += self.group_entries
+
+    def finish(self) -> None:
+        while self.group_start < self.length:
+            self._write_group()
+
+
 def _balanced(items: list, max_per_node: int) -> list[list]:
     """Split `items` over as few nodes as possible, evenly, so that every node of a multi-node
     level holds at least half of `max_per_node` (checkers reject non-root nodes below a
@@ -86,6 +134,7 @@ class MetadataBuilder:
     device_blocks: int
     singles: dict[int, tuple[bytearray, Validator]] = field(default_factory=dict)
     runs: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    streams: list[tuple[int, int, str, "ArrayProducer"]] = field(default_factory=list)
     next_location: int = 0
 
     def __post_init__(self) -> None:
@@ -120,6 +169,18 @@ class MetadataBuilder:
         first = self.alloc(k)
         if k:
             self.runs.append((first, array_blocks(values, first)))
+        return self.btree(list(range(k)), [np.uint64(first + i).astype(_U64).tobytes()
+                                           for i in range(k)], 8)
+
+    def streamed_array(self, length: int, dtype: str, produce: "ArrayProducer") -> int:
+        """A dm-array of `length` values of `dtype` whose values are produced only while the
+        image is written: `produce(put)` calls `put(indexes, values)` with ascending indexes
+        (entries never given are 0). Its blocks go where `array` would put them; returns the
+        btree root."""
+        k = -(-length // array_max_entries(np.dtype(dtype).itemsize))
+        first = self.alloc(k)
+        if k:
+            self.streams.append((first, length, dtype, produce))
         return self.btree(list(range(k)), [np.uint64(first + i).astype(_U64).tobytes()
                                            for i in range(k)], 8)
 
@@ -162,6 +223,10 @@ class MetadataBuilder:
                     part = blocks[first: first + RUN_WRITE_BLOCKS]
                     dev.write((location + first) * BLOCK, part.tobytes())
                     bar.update(part.nbytes)
+            for location, length, dtype, produce in self.streams:
+                writer = _StreamedArrayWriter(dev, location, length, dtype, bar.update)
+                produce(writer.put)
+                writer.finish()
             for location in sorted(self.singles):
                 buf, block_validator = self.singles[location]
                 block_validator.prepare(location, buf)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -26,6 +27,10 @@ from blockera.pdata.checksum import ARRAY_BLOCK, BITMAP_BLOCK, BTREE_NODE, INDEX
 from blockera.pdata.space_map import (ENTRIES_PER_BITMAP, MAX_METADATA_BLOCKS, IndexEntry,
                                       SpaceMapRoot, decode_bitmap, nr_bitmaps)
 from blockera.pdata.walkers import shrink_leftover
+
+# Blocks the checker's block manager keeps (tree nodes are read more than once; array blocks
+# are read once, so the cache does not grow with the arrays).
+CACHE_BLOCKS = 1024
 
 
 @dataclass
@@ -61,7 +66,7 @@ class MetadataChecker:
 
     def __init__(self, dev: BlockDevice) -> None:
         self.dev = dev
-        self.bm = BlockManager(dev)
+        self.bm = BlockManager(dev, cache_blocks=CACHE_BLOCKS)
         self.report = CheckReport()
         self.refs = np.zeros(self.bm.nr_blocks, dtype=np.int64)
         self.heights: dict[int, int] = {}
@@ -70,7 +75,7 @@ class MetadataChecker:
         self.in_progress: set[int] = set()
         self.subtree_leaves: dict[int, list[int]] = {}
         self.leaf_data: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.array_values: dict[int, np.ndarray] = {}
+        self.bad_array_blocks: set[int] = set()
 
     def error(self, message: str) -> None:
         self.report.errors.append(message)
@@ -179,12 +184,24 @@ class MetadataChecker:
     def array(self, root: int, length: int, dtype: str, what: str) -> np.ndarray | None:
         """Validate a dm-array of `length` entries (counting one reference to its root and, for
         newly seen index leaves, to their array blocks); returns its values, None if damaged."""
+        values = np.zeros(length, dtype=dtype)
+
+        def keep(start: int, block_values: np.ndarray) -> None:
+            values[start: start + len(block_values)] = block_values
+
+        return values if self.scan_array(root, length, dtype, what, keep) else None
+
+    def scan_array(self, root: int, length: int, dtype: str, what: str,
+                   on_values: Callable[[int, np.ndarray], None] | None = None) -> bool:
+        """`array` without holding the values: each array block's values go to
+        `on_values(first index, values)` in index order as the block is validated (memory
+        stays the same whatever the array's length). Returns False if the array is damaged."""
         value_size = np.dtype(dtype).itemsize
         max_entries = array_max_entries(value_size)
         nr_array_blocks = -(-length // max_entries)
         leaves = self.tree(root, 8, f"{what} index")
         if leaves is None:
-            return None
+            return False
         found: dict[int, tuple[int, bool]] = {}
         for new, keys, values in leaves:
             for key, loc in zip(keys.tolist(), values.view("<u8").reshape(-1).tolist()):
@@ -206,8 +223,7 @@ class MetadataChecker:
             if extra:
                 detail.append(f"{len(extra)} unexpected array blocks (first {extra[0]})")
             self.error(f"{what}: " + ", ".join(detail))
-            return None
-        values = np.zeros(nr_array_blocks * max_entries, dtype=dtype)
+            return False
         ok = True
         for index in range(nr_array_blocks):
             loc, new = found[index]
@@ -217,16 +233,18 @@ class MetadataChecker:
                 continue
             if new:
                 self.refs[loc] += 1
-            block_values = self.array_values.get(loc)
+            if loc in self.bad_array_blocks:
+                ok = False                  # reported when it was first read
+                continue
+            block_values = self._array_block(loc, index, nr_array_blocks, max_entries,
+                                             length, dtype, what)
             if block_values is None:
-                block_values = self._array_block(loc, index, nr_array_blocks, max_entries,
-                                                 length, dtype, what)
-                if block_values is None:
-                    ok = False
-                    continue
-                self.array_values[loc] = block_values
-            values[index * max_entries: index * max_entries + len(block_values)] = block_values
-        return values[:length] if ok else None
+                self.bad_array_blocks.add(loc)
+                ok = False
+                continue
+            if on_values is not None and ok:
+                on_values(index * max_entries, block_values)
+        return ok
 
     def _array_block(self, loc: int, index: int, nr_array_blocks: int, max_entries: int,
                      length: int, dtype: str, what: str) -> np.ndarray | None:

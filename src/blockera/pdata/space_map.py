@@ -93,6 +93,15 @@ def encode_bitmap(values: np.ndarray) -> bytes:
     return (pairs[:, 0] | (pairs[:, 1] << 2) | (pairs[:, 2] << 4) | (pairs[:, 3] << 6)).tobytes()
 
 
+def _set_entry(encoded: bytearray, entry: int, value: int) -> None:
+    """Store a two-bit count (0..3) as entry `entry` of a bitmap's encoded data bytes, in
+    `encode_bitmap`'s layout (high bit of the count in the lower bit position)."""
+    shift = 2 * (entry & 3)
+    pair = ((value >> 1) & 1) | ((value & 1) << 1)
+    byte = entry >> 2
+    encoded[byte] = (encoded[byte] & ~(3 << shift) & 0xFF) | (pair << shift)
+
+
 def _u32_value(count: int) -> bytes:
     return struct.pack("<I", count)
 
@@ -118,6 +127,9 @@ class MetadataSpaceMap:
         self._depth = 0
         self._pending: deque[tuple[int, int]] = deque()
         self._bootstrap = False
+        # Encoded data bytes of bitmap blocks, kept in step with `counts` once made, so that a
+        # commit copies a bitmap instead of encoding 16320 counts again.
+        self._encoded: dict[int, bytearray] = {}
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -253,6 +265,9 @@ class MetadataSpaceMap:
         if b not in self._committed:
             self._committed[b] = old
         self.counts[b] = new
+        encoded = self._encoded.get(i)
+        if encoded is not None and min(old, 3) != min(new, 3):
+            _set_entry(encoded, bit, min(new, 3))
         if new > 2:
             self.ref_count_root, _ = self.ref_tree.insert(self.ref_count_root, b, _u32_value(new))
         elif old > 2:
@@ -307,6 +322,16 @@ class MetadataSpaceMap:
         return None
 
     # -- commit ----------------------------------------------------------------------------------
+    def _bitmap_bytes(self, i: int) -> bytearray:
+        """The data bytes of bitmap `i` for the current counts (encoded once, then updated
+        entry by entry in `_mutate`)."""
+        encoded = self._encoded.get(i)
+        if encoded is None:
+            start = i * ENTRIES_PER_BITMAP
+            values = self.counts[start: min(start + ENTRIES_PER_BITMAP, self.nr_blocks)]
+            encoded = self._encoded[i] = bytearray(encode_bitmap(values))
+        return encoded
+
     def commit(self) -> None:
         """Write changed bitmaps and the index (shadowing the index first, as the kernel's
         metadata_ll_commit does); afterwards the current counts are the committed ones."""
@@ -317,10 +342,8 @@ class MetadataSpaceMap:
             for i, entry in enumerate(self.index):
                 if not self.tm.is_shadow(entry.blocknr):
                     continue
-                start = i * ENTRIES_PER_BITMAP
-                values = self.counts[start: min(start + ENTRIES_PER_BITMAP, self.nr_blocks)]
                 buf = bm.write_lock_zero(entry.blocknr, BITMAP_BLOCK)
-                buf[16:] = encode_bitmap(values)
+                buf[16:] = self._bitmap_bytes(i)
             buf = bm.write_lock_zero(self.bitmap_root, INDEX_BLOCK)
             for i, entry in enumerate(self.index):
                 entry.pack_into(buf, i)

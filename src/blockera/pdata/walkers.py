@@ -11,6 +11,7 @@ See docs/persistent-data.md §7.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import crc32c
 import numpy as np
@@ -108,50 +109,98 @@ class ArrayContents:
 def read_array(bm: BlockManager, root: int, length: int, dtype: str, what: str,
                seen: set[int] | None = None) -> ArrayContents:
     """Read and validate a whole dm-array of `length` values of numpy `dtype` ('<u4', '<u8')."""
-    value_size = np.dtype(dtype).itemsize
-    max_entries = array_max_entries(value_size)
-    leaves = walk_btree(bm, root, 8, f"{what} index", seen)
-    nr_array_blocks = -(-length // max_entries)
-    keys = leaves.keys
-    locations = leaves.values.view("<u8").reshape(-1) if len(keys) else np.zeros(0, np.uint64)
-    if shrink_leftover(keys, length, max_entries):
-        keys, locations = keys[:-1], locations[:-1]
-    expected = np.arange(nr_array_blocks, dtype=np.uint64)
-    if len(keys) != nr_array_blocks or not np.array_equal(keys, expected):
-        missing = np.setdiff1d(expected, keys)
-        extra = np.setdiff1d(keys, expected)
-        detail = []
-        if len(missing):
-            detail.append(f"array blocks {_ranges_text(missing)} missing")
-        if len(extra):
-            detail.append(f"unexpected array blocks {_ranges_text(extra)}")
-        raise MetadataError(f"{what}: array of {length} entries needs array blocks "
-                            f"[0, {nr_array_blocks}); " + ", ".join(detail), block=root)
-    if len(locations):
-        too_far = np.flatnonzero(locations >= bm.nr_blocks)
-        if len(too_far):
-            loc = int(locations[too_far[0]])
-            raise MetadataError(f"{what}: array block {int(too_far[0])} points at block {loc}, "
-                                f"beyond the end of the metadata device ({bm.nr_blocks} blocks)")
-        uniq, counts = np.unique(locations, return_counts=True)
-        if len(uniq) != len(locations):
-            raise MetadataError(f"{what}: an array block is referenced twice",
-                                block=int(uniq[counts > 1][0]))
-        if seen is not None:
-            shared = [int(b) for b in locations.tolist() if b in seen]
-            if shared:
-                raise MetadataError(f"{what}: array block is also used by another structure",
-                                    block=shared[0])
-    blocks = bm.read_many(locations)
-    _check_array_blocks(blocks, locations, max_entries, value_size, length, what)
-    if seen is not None:
-        seen.update(int(b) for b in locations.tolist())
-    if nr_array_blocks:
-        payload = blocks[:, ARRAY_HEADER_BYTES: ARRAY_HEADER_BYTES + max_entries * value_size]
-        values = np.ascontiguousarray(payload).view(dtype).reshape(-1)[:length].copy()
-    else:
-        values = np.zeros(0, dtype=dtype)
-    return ArrayContents(values, locations, leaves.nodes)
+    reader = ArrayReader(bm, root, length, dtype, what, seen)
+    values = reader.read(0, reader.nr_array_blocks)
+    reader.mark_seen()
+    return ArrayContents(values[:length].copy(), reader.locations, reader.nodes)
+
+
+class ArrayReader:
+    """A dm-array whose index is read and validated up front (ArrayContents' checks on the
+    btree and the block locations) and whose array blocks are read, and validated, on demand:
+    values of a range of blocks at a time, so a reader holds what it is asked for and the
+    index (8 bytes per array block), whatever the array's length."""
+
+    def __init__(self, bm: BlockManager, root: int, length: int, dtype: str, what: str,
+                 seen: set[int] | None = None) -> None:
+        self.bm = bm
+        self.length = length
+        self.dtype = dtype
+        self.what = what
+        self.seen = seen
+        self.value_size = np.dtype(dtype).itemsize
+        self.max_entries = array_max_entries(self.value_size)
+        leaves = walk_btree(bm, root, 8, f"{what} index", seen)
+        self.nodes = leaves.nodes
+        self.nr_array_blocks = nr_array_blocks = -(-length // self.max_entries)
+        keys = leaves.keys
+        locations = (leaves.values.view("<u8").reshape(-1) if len(keys)
+                     else np.zeros(0, np.uint64))
+        if shrink_leftover(keys, length, self.max_entries):
+            keys, locations = keys[:-1], locations[:-1]
+        expected = np.arange(nr_array_blocks, dtype=np.uint64)
+        if len(keys) != nr_array_blocks or not np.array_equal(keys, expected):
+            missing = np.setdiff1d(expected, keys)
+            extra = np.setdiff1d(keys, expected)
+            detail = []
+            if len(missing):
+                detail.append(f"array blocks {_ranges_text(missing)} missing")
+            if len(extra):
+                detail.append(f"unexpected array blocks {_ranges_text(extra)}")
+            raise MetadataError(f"{what}: array of {length} entries needs array blocks "
+                                f"[0, {nr_array_blocks}); " + ", ".join(detail), block=root)
+        if len(locations):
+            too_far = np.flatnonzero(locations >= bm.nr_blocks)
+            if len(too_far):
+                loc = int(locations[too_far[0]])
+                raise MetadataError(f"{what}: array block {int(too_far[0])} points at block "
+                                    f"{loc}, beyond the end of the metadata device "
+                                    f"({bm.nr_blocks} blocks)")
+            uniq, counts = np.unique(locations, return_counts=True)
+            if len(uniq) != len(locations):
+                raise MetadataError(f"{what}: an array block is referenced twice",
+                                    block=int(uniq[counts > 1][0]))
+            if seen is not None:
+                shared = [int(b) for b in locations.tolist() if b in seen]
+                if shared:
+                    raise MetadataError(f"{what}: array block is also used by another "
+                                        "structure", block=shared[0])
+        self.locations = locations
+
+    def mark_seen(self) -> None:
+        """Add the array blocks to `seen` (after reading, as `read_array` does)."""
+        if self.seen is not None:
+            self.seen.update(int(b) for b in self.locations.tolist())
+
+    def read(self, first_block: int, stop_block: int) -> np.ndarray:
+        """The values held by array blocks [first_block, stop_block), validated: the last
+        block's values are cut at the array's length."""
+        stop_block = min(stop_block, self.nr_array_blocks)
+        if first_block >= stop_block:
+            return np.zeros(0, dtype=self.dtype)
+        locations = self.locations[first_block: stop_block]
+        blocks = self.bm.read_many(locations)
+        _check_array_blocks(blocks, locations, self.max_entries, self.value_size, self.length,
+                            self.what, first_block, self.nr_array_blocks)
+        width = self.max_entries * self.value_size
+        payload = blocks[:, ARRAY_HEADER_BYTES: ARRAY_HEADER_BYTES + width]
+        values = np.ascontiguousarray(payload).view(self.dtype).reshape(-1)
+        return values[: self.length - first_block * self.max_entries]
+
+    def values(self, start: int, stop: int) -> np.ndarray:
+        """Entries [start, stop) (clipped to the array's length)."""
+        stop = min(stop, self.length)
+        if start >= stop:
+            return np.zeros(0, dtype=self.dtype)
+        first = start // self.max_entries
+        values = self.read(first, -(-stop // self.max_entries))
+        base = first * self.max_entries
+        return values[start - base: stop - base]
+
+    def chunks(self, blocks_per_chunk: int = 256) -> Iterator[tuple[int, np.ndarray]]:
+        """(first index, values) for every run of `blocks_per_chunk` array blocks, in order."""
+        for first in range(0, self.nr_array_blocks, blocks_per_chunk):
+            yield first * self.max_entries, self.read(first, first + blocks_per_chunk)
 
 
 def shrink_leftover(keys: np.ndarray, length: int, max_entries: int) -> bool:
@@ -164,15 +213,19 @@ def shrink_leftover(keys: np.ndarray, length: int, max_entries: int) -> bool:
 
 
 def _check_array_blocks(blocks: np.ndarray, locations: np.ndarray, max_entries: int,
-                        value_size: int, length: int, what: str) -> None:
+                        value_size: int, length: int, what: str, first_block: int = 0,
+                        nr_array_blocks: int | None = None) -> None:
+    """Validate array blocks [first_block, first_block + len(blocks)) of an array of
+    `nr_array_blocks` blocks (default: exactly these)."""
     k = len(locations)
     if not k:
         return
+    total = first_block + k if nr_array_blocks is None else nr_array_blocks
     stored = blocks[:, 0:4].copy().view("<u4").reshape(-1)
     for i in range(k):
         computed = crc32c.crc32c(blocks[i, 4:]) ^ 0xFFFFFFFF ^ ARRAY_CSUM_XOR
         if computed != int(stored[i]):
-            raise MetadataError(f"bad checksum in {what} array block {i} (stored "
+            raise MetadataError(f"bad checksum in {what} array block {first_block + i} (stored "
                                 f"{int(stored[i]):#010x}, computed {computed:#010x})",
                                 block=int(locations[i]))
     header = blocks[:, 4:16].copy().view("<u4").reshape(k, 3)
@@ -183,14 +236,16 @@ def _check_array_blocks(blocks: np.ndarray, locations: np.ndarray, max_entries: 
         raise MetadataError(f"{what} array block records location {int(blocknr[i])}",
                             block=int(locations[i]), errno_name="ENOTBLK")
     expected_nr = np.full(k, max_entries, dtype=np.uint32)
-    expected_nr[-1] = length - max_entries * (k - 1)
+    if first_block + k == total:
+        expected_nr[-1] = length - max_entries * (total - 1)
     for col, name, expected in ((0, "max_entries", np.full(k, max_entries, np.uint32)),
                                 (1, "nr_entries", expected_nr),
                                 (2, "value_size", np.full(k, value_size, np.uint32))):
         bad = np.flatnonzero(header[:, col] != expected)
         if len(bad):
             i = int(bad[0])
-            raise MetadataError(f"{what} array block {i}: {name} is {int(header[i, col])}, "
+            raise MetadataError(f"{what} array block {first_block + i}: {name} is "
+                                f"{int(header[i, col])}, "
                                 f"expected {int(expected[i])}", block=int(locations[i]))
 
 

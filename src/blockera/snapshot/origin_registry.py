@@ -17,8 +17,9 @@ and one shared/exclusive lock that orders all I/O touching the group's exception
 `find_sharing()` is the kernel's `__find_snapshots_sharing_cow()`: the snapshots of the same
 origin that use the same COW device, which is how an exception-store handover is recognised.
 
-A registry also owns the thread pool that copies out to several snapshots of one origin at
-once. What the registry and the copy-out path need of a snapshot is `OriginSnapshot`.
+A registry also owns the thread pools that copy out to several snapshots of one origin at
+once and read the old chunks of a copy-out batch in parallel; a group queues the origin writes
+waiting for the next copy-out batch. What the registry and the copy-out path need of a snapshot is `OriginSnapshot`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from blockera.snapshot.store import ExceptionStore
 
 # Copy-outs to several snapshots at once (their COW flushes overlap).
 COPY_OUT_THREADS = 4
+# Reads of old chunks in parallel within one copy-out batch.
+READ_THREADS = 4
 
 
 class OriginSnapshot(Protocol):
@@ -99,6 +102,16 @@ class SharedExclusiveLock:
 
 
 @dataclass(eq=False)
+class CopyOutBatches:
+    """The origin writes waiting for a copy-out batch (the kernel's pending exceptions) and
+    whether one is running; `copyout.write_origin` runs them."""
+
+    cv: threading.Condition = field(default_factory=threading.Condition)
+    waiting: list = field(default_factory=list)
+    running: bool = False
+
+
+@dataclass(eq=False)
 class OriginGroup:
     """One origin device: its snapshots, the lock ordering I/O on them, and the registry's
     copy-out threads. It lives as long as a snapshot or an origin target refers to it
@@ -106,8 +119,10 @@ class OriginGroup:
 
     identity: Hashable
     copy_pool: ThreadPoolExecutor
+    read_pool: ThreadPoolExecutor
     snapshots: list[OriginSnapshot] = field(default_factory=list)
     io: SharedExclusiveLock = field(default_factory=SharedExclusiveLock)
+    batches: CopyOutBatches = field(default_factory=CopyOutBatches)
     users: int = 0
 
     def insert(self, snap: OriginSnapshot) -> None:
@@ -138,14 +153,16 @@ class SnapshotRegistry:
         self._groups: dict[Hashable, OriginGroup] = {}
         self.copy_pool = ThreadPoolExecutor(max_workers=COPY_OUT_THREADS,
                                             thread_name_prefix="snapshot-copy-out")
+        self.read_pool = ThreadPoolExecutor(max_workers=READ_THREADS,
+                                            thread_name_prefix="snapshot-copy-read")
 
     def acquire(self, origin_identity: Hashable) -> OriginGroup:
         """The group of an origin device, created on first use; pair with `release()`."""
         with self.lock:
             group = self._groups.get(origin_identity)
             if group is None:
-                group = self._groups[origin_identity] = OriginGroup(origin_identity,
-                                                                    self.copy_pool)
+                group = self._groups[origin_identity] = OriginGroup(
+                    origin_identity, self.copy_pool, self.read_pool)
             group.users += 1
             return group
 

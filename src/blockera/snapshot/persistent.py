@@ -136,20 +136,26 @@ class PersistentStore(ExceptionStore):
     # -- allocation and commit -------------------------------------------------------------
 
     def allocate(self) -> int:
+        return self.allocate_many(1)[0]
+
+    def allocate_many(self, count: int) -> list[int]:
         with self._lock:
             self._require_valid()
             if self._merging:
                 raise TargetError("the store is being merged: no new exceptions")
             size_sectors = self.cow.size_bytes // SECTOR_BYTES
-            if size_sectors < (self.next_free + 1) * self.chunk_sectors:
-                raise NoSpaceError(
-                    f"COW device full: chunk {self.next_free} would end at sector "
-                    f"{(self.next_free + 1) * self.chunk_sectors}, the COW has {size_sectors} "
-                    "sectors", errno_name="ENOSPC")
-            new_chunk = self.next_free
-            self.next_free = self.geometry.skip_metadata(self.next_free + 1)
-            self._pending.append(new_chunk)
-            return new_chunk
+            chunks = []
+            for _ in range(count):
+                if size_sectors < (self.next_free + 1) * self.chunk_sectors:
+                    raise NoSpaceError(
+                        f"COW device full: chunk {self.next_free} would end at sector "
+                        f"{(self.next_free + 1) * self.chunk_sectors}, the COW has "
+                        f"{size_sectors} sectors", errno_name="ENOSPC")
+                new_chunk = self.next_free
+                self.next_free = self.geometry.skip_metadata(self.next_free + 1)
+                self._pending.append(new_chunk)
+                chunks.append(new_chunk)
+            return chunks
 
     def commit(self, pairs: Iterable[tuple[int, int]]) -> None:
         """Append `pairs` (in allocation order) to the current area and make them durable.

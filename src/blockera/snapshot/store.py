@@ -127,6 +127,11 @@ class ExceptionStore(ABC):
     def allocate(self) -> int:
         """Reserve the next COW chunk (re-reading the COW size). NoSpaceError when full."""
 
+    def allocate_many(self, count: int) -> list[int]:
+        """`allocate()` `count` times (a store may read the COW size once for all of them).
+        NoSpaceError when full; the chunks allocated before stay pending."""
+        return [self.allocate() for _ in range(count)]
+
     @abstractmethod
     def commit(self, pairs: Iterable[tuple[int, int]]) -> None:
         """Record exceptions whose data the caller has already written to the COW."""
