@@ -17,7 +17,13 @@ MAPPER_PREFIX = "/dev/mapper/"
 
 
 class EngineClient:
-    def __init__(self, socket_path: str | Path | None = None, timeout_s: float | None = None) -> None:
+    """`resume_if_gone`: the daemon resumes any device this client suspended and had not
+    resumed when the connection ends (the client was killed between its suspend and its
+    resume); a job that swaps tables under a device in use asks for it."""
+
+    def __init__(self, socket_path: str | Path | None = None, timeout_s: float | None = None,
+                 *, resume_if_gone: bool = False) -> None:
+        self.resume_if_gone = resume_if_gone
         self.socket_path = Path(socket_path) if socket_path else default_socket_path()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if timeout_s is not None:
@@ -70,7 +76,10 @@ class EngineClient:
         self.call("clear", name=name)
 
     def suspend(self, name: str) -> None:
-        self.call("suspend", name=name)
+        if self.resume_if_gone:
+            self.call("suspend", name=name, resume_if_gone=True)
+        else:
+            self.call("suspend", name=name)
 
     def resume(self, name: str) -> None:
         self.call("resume", name=name)

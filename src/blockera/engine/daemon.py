@@ -111,6 +111,25 @@ class _Handler(socketserver.StreamRequestHandler):
     server: "_Server"
 
     def handle(self) -> None:
+        guarded: set[str] = set()      # suspended with resume_if_gone, not resumed yet
+        try:
+            self._serve(guarded)
+        finally:
+            self._resume_abandoned(guarded)
+
+    def _resume_abandoned(self, names: set[str]) -> None:
+        engine = self.server.service.engine
+        for name in sorted(names):
+            try:
+                if engine.is_suspended(name):
+                    engine.resume(name)
+                    log.warning("%s: the client that suspended it went away before resuming "
+                                "it; resumed", name)
+            except BlockeraError as exc:
+                log.error("%s: left suspended by a client that went away, and resuming it "
+                          "failed: %s", name, exc)
+
+    def _serve(self, guarded: set[str]) -> None:
         reader = Reader(self.request)
         while True:
             try:
@@ -124,6 +143,11 @@ class _Handler(socketserver.StreamRequestHandler):
                 return
             try:
                 reply, payload = self.server.service.handle(req, reader)
+                op, name = req.get("op"), req.get("name")
+                if op == "suspend" and req.get("resume_if_gone"):
+                    guarded.add(str(name))
+                elif op in ("resume", "remove"):
+                    guarded.discard(str(name))
             except BlockeraError as exc:
                 reply, payload = error_reply(exc), b""
             except Exception as exc:  # a bug: report it, keep serving

@@ -217,6 +217,11 @@ class Engine:
             dev = self.device(name)
             dev.resume()
 
+    def is_suspended(self, name: str) -> bool:
+        """False too when no device has that name (any more)."""
+        with self.lock:
+            return name in self.devices and self.devices[name].suspended
+
     def remove(self, name: str) -> None:
         with self.lock:
             self._remove_locked(name)

@@ -1,12 +1,17 @@
 """Which engine runs a tracked device, and the few things the live workflows need of one beyond
 the common interface (`Engine`, `EngineClient` and `KernelEngine` all offer create, load,
 suspend, resume, remove, message, status, table, info, ls and device): whether a device exists,
-its table lines, its era status. See docs/live-devices.md §1."""
+its table lines, its era status, whether it is suspended; holding the usual stop signals while a
+device is suspended. See docs/live-devices.md §1 and §3."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import stat
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -37,7 +42,7 @@ def open_engine(kind: str, socket: str | None) -> DmControl:
         from blockera.engine.kernel import KernelEngine
         return KernelEngine()
     from blockera.engine.client import EngineClient
-    return EngineClient(socket)
+    return EngineClient(socket, resume_if_gone=True)
 
 
 def engine_kind_for(device: str) -> str:
@@ -77,6 +82,30 @@ def open_count(engine: DmControl, name: str) -> int:
         if line.startswith("Open count:"):
             return int(line.split(":", 1)[1])
     return 0
+
+
+def is_suspended(engine: DmControl, name: str) -> bool:
+    for line in engine.info(name).splitlines():
+        if line.startswith("State:"):
+            return "SUSPENDED" in line
+    return False
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP while a device is suspended under its users: a Ctrl-C
+    or a service stop lands after the resume, never between. (SIGKILL cannot be held: the
+    engine daemon resumes a device whose client went away; on the kernel `blockera activate`
+    or the next job resumes it.)"""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def dev_t(engine: DmControl, name: str) -> str:

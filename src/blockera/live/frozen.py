@@ -130,18 +130,19 @@ def _detach_loop(loop: str) -> None:
 def _stack_snapshot(engine: DmControl, record: TrackedDevice, cow_device: str) -> None:
     name, real = record.name, record.real_name
     size = record.size_sectors
-    engine.suspend(name)
-    try:
-        engine.create(record.snapshot_name,
-                      f"0 {size} snapshot {engines.device_path(real)} {cow_device} P "
-                      f"{COW_CHUNK_SECTORS}")
-        engine.create(record.origin_name,
-                      f"0 {size} snapshot-origin {engines.device_path(real)}")
-        engine.load(name, era_table(record, record.origin_name))
-    except BlockeraError:
-        engine.resume(name)           # NAME's own table; `_put_back` removes what was made
-        raise
-    engine.resume(name)
+    with engines.signals_held():
+        engine.suspend(name)
+        try:
+            engine.create(record.snapshot_name,
+                          f"0 {size} snapshot {engines.device_path(real)} {cow_device} P "
+                          f"{COW_CHUNK_SECTORS}")
+            engine.create(record.origin_name,
+                          f"0 {size} snapshot-origin {engines.device_path(real)}")
+            engine.load(name, era_table(record, record.origin_name))
+        except BlockeraError:
+            engine.resume(name)       # NAME's own table; `_put_back` removes what was made
+            raise
+        engine.resume(name)
 
 
 def _put_back(engine: DmControl, record: TrackedDevice) -> None:

@@ -121,17 +121,18 @@ def _build(engine: DmControl, record: TrackedDevice) -> None:
         engine.create(real, lower_table)
         try:
             engine.load(name, era_table(record, real))
-            try:
-                engine.suspend(name)
-            except BlockeraError:
-                engine.clear(name)
-                raise
-            try:
-                engine.resume(name)
-            except BlockeraError:
-                engine.clear(name)      # drop the era table; the old one goes live again
-                engine.resume(name)
-                raise
+            with engines.signals_held():
+                try:
+                    engine.suspend(name)
+                except BlockeraError:
+                    engine.clear(name)
+                    raise
+                try:
+                    engine.resume(name)
+                except BlockeraError:
+                    engine.clear(name)  # drop the era table; the old one goes live again
+                    engine.resume(name)
+                    raise
         except BaseException:
             _remove_quietly(engine, real)
             raise
@@ -158,11 +159,17 @@ def repair(engine: DmControl, record: TrackedDevice) -> list[str]:
     done (empty when nothing was left over)."""
     done = []
     name = record.name
+    if engines.exists(engine, name) and engines.is_suspended(engine, name):
+        # a job killed between its suspend and its resume: resume with whatever table it
+        # had loaded (NAME over NAME-origin is a whole stack; it is taken down below)
+        engine.resume(name)
+        done.append(f"{name}: resumed (left suspended by an interrupted job)")
     if engines.exists(engine, record.origin_name) and engines.exists(engine, name) and \
             _is_era_over(engine, name, record.origin_name):
-        engine.suspend(name)        # before the load: the new era table reads committed metadata
-        engine.load(name, era_table(record, record.real_name))
-        engine.resume(name)
+        with engines.signals_held():
+            engine.suspend(name)    # before the load: the new era table reads committed metadata
+            engine.load(name, era_table(record, record.real_name))
+            engine.resume(name)
         done.append(f"{name}: era layer put back over {record.real_name}")
     for leftover in (record.origin_name, record.snapshot_name):
         if engines.exists(engine, leftover):
@@ -246,8 +253,9 @@ def untrack(engine: DmControl, state: StateDir, record: TrackedDevice) -> list[s
     if record.kind == "dm":
         if engines.exists(engine, real):
             engine.load(name, engine.table(real))
-            engine.suspend(name)
-            engine.resume(name)
+            with engines.signals_held():
+                engine.suspend(name)
+                engine.resume(name)
             engine.remove(real)
             notes.append(f"{name}: own table back, {real} removed")
     else:
