@@ -89,24 +89,27 @@ _REPOSITORY_OPTIONS = (
 )
 
 
-def read_password(password_file: str | None, *, confirm: bool = False) -> str:
+def read_password(password_file: str | None, *, confirm: bool = False,
+                  option: str = "--password-file", env: str = PASSWORD_ENV,
+                  file_env: str = PASSWORD_FILE_ENV, which: str = "repository") -> str:
+    """The password from the file option, else `env`, else a prompt on a terminal."""
     if password_file:
         try:
             with open(password_file, encoding="utf-8") as f:
                 return f.read().strip()
         except OSError as exc:
-            raise UsageError(f"--password-file {password_file}: {exc.strerror}") from None
-    if os.environ.get(PASSWORD_ENV):
-        return os.environ[PASSWORD_ENV]
+            raise UsageError(f"{option} {password_file}: {exc.strerror}") from None
+    if os.environ.get(env):
+        return os.environ[env]
     if sys.stdin.isatty():
-        password = getpass.getpass("enter password for repository: ")
+        password = getpass.getpass(f"enter password for {which}: ")
         if confirm and getpass.getpass("enter password again: ") != password:
             raise UsageError("the passwords do not match")
         if not password:
             raise UsageError("an empty password is not allowed")
         return password
-    raise UsageError(f"no password: give --password-file FILE, or set {PASSWORD_FILE_ENV} or "
-                     f"{PASSWORD_ENV}")
+    raise UsageError(f"no password for the {which}: give {option} FILE, or set {file_env} or "
+                     f"{env}")
 
 
 def open_repository(repo: RepositoryArgs, *,  # type: ignore[no-untyped-def]

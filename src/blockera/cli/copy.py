@@ -9,9 +9,7 @@ apply to both.
 
 from __future__ import annotations
 
-import getpass
 import os
-import sys
 import threading
 from typing import Any
 
@@ -28,21 +26,8 @@ COPY_THREADS = max(2, min(8, 2 * (os.cpu_count() or 1)))
 
 
 def read_from_password(password_file: str | None) -> str:
-    if password_file:
-        try:
-            with open(password_file, encoding="utf-8") as f:
-                return f.read().strip()
-        except OSError as exc:
-            raise UsageError(f"--from-password-file {password_file}: {exc.strerror}") from None
-    if os.environ.get(FROM_PASSWORD_ENV):
-        return os.environ[FROM_PASSWORD_ENV]
-    if sys.stdin.isatty():
-        password = getpass.getpass("enter password for source repository: ")
-        if not password:
-            raise UsageError("an empty password is not allowed")
-        return password
-    raise UsageError(f"no password for the source repository: give --from-password-file FILE, "
-                     f"or set {FROM_PASSWORD_FILE_ENV} or {FROM_PASSWORD_ENV}")
+    return read_password(password_file, option="--from-password-file", env=FROM_PASSWORD_ENV,
+                         file_env=FROM_PASSWORD_FILE_ENV, which="source repository")
 
 
 def _open_both(source: RepositoryArgs, target: RepositoryArgs, from_password: str,
