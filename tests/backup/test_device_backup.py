@@ -259,3 +259,16 @@ def test_a_file_of_uneven_blobs_is_not_taken_for_uniform_chunks(tmp_path: Path) 
         repo.save_snapshot(Snapshot.new(root, ["/f.img"]))
     repo.close()
     assert snapshot_image(tmp_path / "repo") == b"".join(parts)
+
+
+def test_engine_devices_of_two_daemons_are_different_sources(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """/dev/mapper/disk of one engine daemon and of another are not the same source."""
+    from blockera.backup.source_lock import source_identity
+
+    monkeypatch.setenv("BLOCKERA_SOCKET", str(tmp_path / "a.sock"))
+    first = source_identity("/dev/mapper/blockera-test-disk")
+    assert source_identity("/dev/mapper/blockera-test-disk") == first
+    monkeypatch.setenv("BLOCKERA_SOCKET", str(tmp_path / "b.sock"))
+    assert source_identity("/dev/mapper/blockera-test-disk") != first

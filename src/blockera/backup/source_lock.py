@@ -1,8 +1,8 @@
 """One backup of a source at a time (docs/backup-repository.md §15.4).
 
 A backup holds an exclusive `flock` on a small file named after the source's identity (device
-and inode of an image file, the device number of a block device, the name of an engine
-device), in `BLOCKERA_LOCK_DIR`, else `/run/lock/blockera` when writable, else a directory
+and inode of an image file, the device number of a block device, the engine daemon's socket
+and the device's name for an engine device — each daemon has its own /dev/mapper), in `BLOCKERA_LOCK_DIR`, else `/run/lock/blockera` when writable, else a directory
 of the user's (`$XDG_RUNTIME_DIR/blockera` or the temporary directory). A second backup of
 the same source, whatever path names it and whichever repository it writes to, fails at once
 naming the holder's PID; backups of different sources run in parallel. The kernel drops the
@@ -45,7 +45,10 @@ def source_identity(path: str) -> str:
         st = os.stat(path)
     except FileNotFoundError:
         if path.startswith(_MAPPER):
-            return "engine:" + path[len(_MAPPER):]
+            from blockera.engine.protocol import default_socket_path
+
+            daemon = os.path.realpath(default_socket_path())
+            return f"engine:{daemon}:{path[len(_MAPPER):]}"
         raise DeviceError(f"{path}: no such file or device") from None
     except OSError as exc:
         raise DeviceError(f"{path}: {exc.strerror}") from None
