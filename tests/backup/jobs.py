@@ -82,7 +82,7 @@ def overwrite(path: Path, writes: list[tuple[int, int]], seed: int) -> list[tupl
     return [(o, o + n) for o, n in writes]
 
 
-def snapshot_image(repo_path: Path, ref: str = "latest") -> bytes:
+def snapshot_image(repo_path: Path, ref: str = "latest", password: str = PASSWORD) -> bytes:
     """A snapshot's image, read in this process (the Python API, not the command)."""
     import io
 
@@ -90,7 +90,7 @@ def snapshot_image(repo_path: Path, ref: str = "latest") -> bytes:
     from blockera.backup.device_layout import DeviceFacts, content_layout, find_file_node
     from blockera.backup.restore import dump_to_stream
 
-    repo = Repository.open(LocalBackend(repo_path), PASSWORD)
+    repo = Repository.open(LocalBackend(repo_path), password)
     try:
         snapshot = repo.find_snapshot(ref)
         _, node = find_file_node(repo, snapshot)

@@ -97,21 +97,7 @@ def test_copy_all_restores_exactly_and_restic_checks_it(pair: Pair, tmp_path: Pa
 
 def snapshot_image_with(repo: Path, ref: str) -> bytes:
     """`snapshot_image` for a repository under the target's password."""
-    import io
-
-    from blockera.backup.device_layout import DeviceFacts, content_layout, find_file_node
-    from blockera.backup.restore import dump_to_stream
-
-    r = Repository.open(LocalBackend(repo), TARGET_PASSWORD)
-    try:
-        snapshot = r.find_snapshot(ref)
-        _, node = find_file_node(r, snapshot)
-        layout = content_layout(r, node, DeviceFacts.from_tags(snapshot.tags), "test")
-        out = io.BytesIO()
-        dump_to_stream(r, layout, out)
-        return out.getvalue()
-    finally:
-        r.close()
+    return snapshot_image(repo, ref, TARGET_PASSWORD)
 
 
 def test_only_missing_blobs_travel_and_snapshots_can_be_chosen(pair: Pair) -> None:
