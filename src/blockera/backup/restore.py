@@ -27,6 +27,7 @@ from typing import BinaryIO
 from blockera.backup.blob_fetch import DEFAULT_THREADS, BlobFetcher
 from blockera.backup.device_layout import ContentLayout
 from blockera.backup.ids import hash_id, short
+from blockera.backup.image_writer import ImageWriter
 from blockera.backup.job_errors import BackupInputError, DamagedBackupError
 from blockera.backup.repository import Repository
 from blockera.blockdev import BlockDevice, FileDevice
@@ -34,13 +35,8 @@ from blockera.errors import DeviceError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_SYNC_FILE_RANGE_WRITE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)     # the C library the interpreter runs on
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                                  ctypes.c_uint]
-WRITEBACK_STEP_BYTES = 32 << 20
-"""A restore starts writing back each 32 MiB it wrote, so the final flush has little left."""
 
 
 @dataclass
@@ -88,24 +84,6 @@ def zero_ids(layout: ContentLayout) -> dict[bytes, int]:
     lengths = {layout.uniform_chunk_bytes, layout.size_bytes - (len(layout) - 1)
                * layout.uniform_chunk_bytes}
     return {hash_id(bytes(n)): n for n in lengths if n > 0}
-
-
-class _Writeback:
-    """Starts the kernel writing back what was written so far, a step at a time
-    (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: it does not wait), on files and block devices
-    opened through a file descriptor; elsewhere it does nothing."""
-
-    def __init__(self, device: BlockDevice) -> None:
-        self.fd = device.fileno() if isinstance(device, FileDevice) else None
-        self.started_to = 0
-
-    def wrote_up_to(self, offset_bytes: int) -> None:
-        if self.fd is None or offset_bytes - self.started_to < WRITEBACK_STEP_BYTES:
-            return
-        if _libc.sync_file_range(self.fd, self.started_to, offset_bytes - self.started_to,
-                                 _SYNC_FILE_RANGE_WRITE) != 0:
-            self.fd = None          # not supported here: the final flush does it all
-        self.started_to = offset_bytes
 
 
 def punch_hole(device: BlockDevice, offset_bytes: int, length_bytes: int) -> None:
@@ -206,51 +184,51 @@ def restore_to_device(repo: Repository, layout: ContentLayout, target: RestoreTa
     device = target.device
     result = RestoreResult(layout.size_bytes, len(layout))
     zero_buffer = bytes(layout.uniform_chunk_bytes or (1 << 20))
+    writer = ImageWriter(device)
 
     def write_zeros(begin: int, end: int) -> None:
         if sparse:
             if begin < target.fresh_from_bytes:  # a fresh range reads as zeros already
                 punch_hole(device, begin, min(end, target.fresh_from_bytes) - begin)
-        elif end - begin <= len(zero_buffer):
-            device.write(begin, zero_buffer[:end - begin])
-            result.bytes_written += end - begin
-        else:
-            device.write_zeroes(begin, end - begin)
-            result.bytes_written += end - begin
+            return
+        for at in range(begin, end, len(zero_buffer)):
+            writer.write(at, zero_buffer[:min(end - at, len(zero_buffer))])
+        result.bytes_written += end - begin
 
     actions = [action for _, action in _plan(layout, delta_from, zero_ids(layout))]
-    writeback = _Writeback(device)
     items = ((i, layout.ids[i] if actions[i] == "fetch" else None,
               layout.range_of(i)[1] - layout.range_of(i)[0]) for i in range(len(layout)))
-    for i, data in BlobFetcher[int](repo, threads=threads).fetch(items):
-        begin, end = layout.range_of(i)
-        if actions[i] == "same":
-            result.chunks_unchanged += 1
-        elif actions[i] == "zero":
-            result.chunks_zero += 1
-            write_zeros(begin, end)
-        elif isinstance(data, BaseException):
-            reason = f"blob {short(layout.ids[i])}: {data}"
-            if not ignore_errors:
-                raise DamagedBackupError(
-                    f"{what}: bytes [{begin}, {end}) cannot be restored ({reason}); the target "
-                    "is incomplete. Restore with --ignore-errors to write zeros there and "
-                    "carry on, and run `blockera check --read-data`") from None
-            result.damaged.append(DamagedRange(begin, end, reason))
-            write_zeros(begin, end)
-        else:
-            assert data is not None
-            if sparse and _all_zero(data, zero_buffer):
+    try:
+        for i, data in BlobFetcher[int](repo, threads=threads).fetch(items):
+            begin, end = layout.range_of(i)
+            if actions[i] == "same":
+                result.chunks_unchanged += 1
+            elif actions[i] == "zero":
                 result.chunks_zero += 1
                 write_zeros(begin, end)
+            elif isinstance(data, BaseException):
+                reason = f"blob {short(layout.ids[i])}: {data}"
+                if not ignore_errors:
+                    raise DamagedBackupError(
+                        f"{what}: bytes [{begin}, {end}) cannot be restored ({reason}); the "
+                        "target is incomplete. Restore with --ignore-errors to write zeros there and "
+                        "carry on, and run `blockera check --read-data`") from None
+                result.damaged.append(DamagedRange(begin, end, reason))
+                write_zeros(begin, end)
             else:
-                device.write(begin, data)
-                result.chunks_written += 1
-                result.bytes_written += len(data)
-        writeback.wrote_up_to(end)
-        if on_progress:
-            on_progress(end - begin)
-    device.flush()
+                assert data is not None
+                if sparse and _all_zero(data, zero_buffer):
+                    result.chunks_zero += 1
+                    write_zeros(begin, end)
+                else:
+                    writer.write(begin, data)
+                    result.chunks_written += 1
+                    result.bytes_written += len(data)
+            if on_progress:
+                on_progress(end - begin)
+        writer.finish()
+    finally:
+        writer.close()
     result.damaged = _merge(result.damaged)
     return result
 
