@@ -10,7 +10,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
     {"errors", "units"},
-    {"blockdev", "progress", "unix_socket", "row_render"},
+    {"blockdev", "direct_io", "progress", "unix_socket", "row_render"},
     {"pdata"},
     {"dm"},
     {"era", "snapshot"},

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from blockera.backup import image_writer
-from blockera.backup.image_writer import ALIGN_BYTES, ImageWriter
+from blockera.backup.image_writer import ImageWriter
+from blockera.direct_io import ALIGN_BYTES
 from blockera.blockdev import FileDevice
 from blockera.errors import DeviceError, NoSpaceError
 

@@ -27,11 +27,9 @@ import threading
 from collections.abc import Callable
 
 from blockera.blockdev import BlockDevice, FileDevice
+from blockera.direct_io import ALIGN_BYTES
 from blockera.errors import DeviceError, NoSpaceError
 
-ALIGN_BYTES = 4096
-"""Offsets, lengths and buffers of direct writes are multiples of this (the largest logical
-block size of Linux block devices, and the page size)."""
 BATCH_BYTES = 8 << 20
 WRITEBACK_STEP_BYTES = 32 << 20
 

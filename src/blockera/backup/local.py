@@ -9,7 +9,9 @@
 
 Directories are created mode 0700 and files end up read-only (0400), as restic leaves them.
 A save writes `<name>-tmp-<random>` in the final directory, fsyncs it, renames it into place
-and fsyncs the directory, so a file is either absent or complete and durable. Temporary files
+and fsyncs the directory, so a file is either absent or complete and durable. Files of 1 MiB
+or more (packs) are written with O_DIRECT where the file system allows it: they are written
+once and rarely read soon, and need no page cache. Temporary files
 left by a crash are never listed (and restic ignores them too: their names are not IDs).
 """
 
@@ -24,9 +26,12 @@ from pathlib import Path
 
 from blockera.backup.backend import Backend, Buffer, FileInfo, FileType
 from blockera.backup.errors import BackendError, BackendNotFoundError
+from blockera.direct_io import write_new_file
 
 DIR_MODE = 0o700
 FILE_MODE = 0o400
+DIRECT_MIN_BYTES = 1 << 20
+"""Files this large (packs) are written with O_DIRECT (`blockera.direct_io`)."""
 _TMP_MARK = "-tmp-"
 
 
@@ -100,10 +105,13 @@ class LocalBackend(Backend):
                 directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                if len(data) >= DIRECT_MIN_BYTES:
+                    write_new_file(fd, data)
+                else:
+                    view = memoryview(data)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
                 os.fsync(fd)
             finally:
                 os.close(fd)
