@@ -204,3 +204,35 @@ def test_a_lock_holder_survives_restics_liveness_probe(tmp_path: Path) -> None:
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+def test_a_deferred_recheck_finds_a_racing_exclusive_lock_before_any_write(
+        tmp_path: Path) -> None:
+    """A backup's recheck waits for its first write: an exclusive lock taken in the moment
+    after ours (a racing prune) stops the backup there, before any file is written, and
+    our lock is gone."""
+    repo = new_repo(tmp_path / "repo", threads=0)
+    lock = repo.lock(defer_recheck=True, recheck_delay_s=0.3)
+    started = time.monotonic()
+    repo.save_blob(BlobType.DATA, b"in memory only")       # no file yet: no recheck
+    assert time.monotonic() - started < 0.25
+    racing = LockRecord(GoTime.now(), True, "elsewhere", "u", 4242)
+    racing_name = repo.save_unpacked(FileType.LOCK, racing.encode())
+    with pytest.raises(LockConflictError, match="exclusive"):
+        repo.flush()
+    assert time.monotonic() - started >= 0.3               # the full moment was waited
+    assert list(repo.backend.list(FileType.PACK)) == []
+    assert [name for name, _ in list_locks(repo)] == [racing_name]
+    lock.release()
+    repo.close()
+
+
+def test_a_deferred_recheck_that_passes_lets_writes_through(tmp_path: Path) -> None:
+    repo = new_repo(tmp_path / "repo", threads=0)
+    with repo.lock(defer_recheck=True, recheck_delay_s=0.05) as lock:
+        repo.save_blob(BlobType.DATA, b"data")
+        repo.flush()
+        assert len(list(repo.backend.list(FileType.PACK))) == 1
+        assert lock._recheck_at is None and lock.held
+    assert list_locks(repo) == []
+    repo.close()

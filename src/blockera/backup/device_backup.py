@@ -300,8 +300,9 @@ def _run_backup(repo: Repository, device: BlockDevice, options: BackupOptions,
     counter = repo.backend if isinstance(repo.backend, CountingBackend) else None
     stored_before = counter.stored_bytes() if counter is not None else 0
     # the lock (which loads the index) comes first: the parent and its blobs are then looked
-    # up in an index no prune can change under us
-    with repo.lock():
+    # up in an index no prune can change under us. Its recheck of the other locks waits for
+    # the first write, so the index loads and the source is read meanwhile
+    with repo.lock(defer_recheck=True):
         plan = _make_plan(repo, options, size_bytes, path, hostname)
         summary, content = plan.summary, plan.content
         if on_plan is not None:

@@ -10,7 +10,9 @@ A lock is an unpacked file `locks/<id>` (encrypted, `0x02 || zstd(JSON)` in vers
   lock, so taking one fails if any lock exists, and taking any lock fails if an exclusive one
   exists;
 * a lock is created only after checking the others, and the others are checked again a moment
-  (200 ms) after creating it, so two processes racing both notice; the loser removes its lock;
+  (200 ms) after creating it, so two processes racing both notice; the loser removes its lock.
+  A backup defers that second check to its first write (`acquire(defer_recheck=True)`): it
+  loads the index and reads its source meanwhile, and writes nothing before the check passed;
 * a lock is stale when its time is more than 30 minutes old, or when it was made on this host
   by a process that no longer exists. Stale locks still conflict (restic keeps them until
   `restic unlock` removes them: `remove_stale_locks` here); the error says they are stale;
@@ -242,6 +244,8 @@ class RepositoryLock:
         self._last_refresh_ns = 0
         self._lost: str | None = None
         self._mutex = threading.Lock()
+        self._recheck_mutex = threading.Lock()
+        self._recheck_at: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -269,7 +273,11 @@ class RepositoryLock:
                                     f"the repository is locked by the {other.describe(now)} "
                                     f"(lock {name[:8]}).{hint}")
 
-    def acquire(self) -> "RepositoryLock":
+    def acquire(self, *, defer_recheck: bool = False) -> "RepositoryLock":
+        """Take the lock. The others are checked again `recheck_delay_s` after ours was
+        created; with `defer_recheck` that happens at the first `check(writing=True)` instead
+        (waiting for whatever is left of the delay), so a job can read the repository and
+        its source meanwhile: nothing is written before the recheck passed."""
         if self.name is not None:
             raise RuntimeError("lock already held")
         self._conflicts()
@@ -278,13 +286,14 @@ class RepositoryLock:
         self.record = record
         self._last_refresh_ns = record.time.unix_ns
         self._lost = None
-        try:
-            time.sleep(self.recheck_delay_s)
-            self._conflicts()
-        except BaseException:
-            self._remove_own(self.name)
-            self.name = None
-            raise
+        self._recheck_at = time.monotonic() + self.recheck_delay_s
+        if not defer_recheck:
+            try:
+                self._finish_recheck()
+            except BaseException:
+                self._remove_own(self.name)
+                self.name = None
+                raise
         _sighup_guard.enter()
         self._stop.clear()
         self._thread = threading.Thread(target=self._refresh_loop, daemon=True,
@@ -325,10 +334,27 @@ class RepositoryLock:
 
     # -- keeping it fresh ------------------------------------------------------------------
 
-    def check(self) -> None:
-        """Raise `LockLostError` unless the lock is held and fresh enough to rely on."""
+    def _finish_recheck(self) -> None:
+        """The check of the other locks made a moment after ours was created (once)."""
+        with self._recheck_mutex:
+            if self._recheck_at is None:
+                return
+            time.sleep(max(0.0, self._recheck_at - time.monotonic()))
+            self._conflicts()
+            self._recheck_at = None
+
+    def check(self, *, writing: bool = False) -> None:
+        """Raise `LockLostError` unless the lock is held and fresh enough to rely on. Before
+        a write (`writing`), a deferred recheck of the other locks is finished first: on a
+        conflict the lock is released and `LockConflictError` raised."""
         if self.name is None:
             raise LockLostError(f"{self.repo.backend.location}: the lock is not held")
+        if writing and self._recheck_at is not None:
+            try:
+                self._finish_recheck()
+            except LockConflictError:
+                self.release()
+                raise
         if self._lost is None:
             age_s = (self.clock_ns() - self._last_refresh_ns) / _NS
             if age_s > self.refreshability_s:

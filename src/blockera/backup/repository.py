@@ -224,14 +224,16 @@ class Repository:
 
     # -- locking ---------------------------------------------------------------------------
 
-    def lock(self, exclusive: bool = False, **lock_options: object) -> RepositoryLock:
+    def lock(self, exclusive: bool = False, *, defer_recheck: bool = False,
+             **lock_options: object) -> RepositoryLock:
         """Take a lock (restic's rules) and (re)load the index under it. Use the result as a
-        context manager, or call its `release()`."""
+        context manager, or call its `release()`. `defer_recheck`: see
+        `RepositoryLock.acquire` (the index loads while the recheck's moment passes)."""
         if self._lock is not None and self._lock.name is not None:
             raise RepositoryError(f"{self.location}: this repository object already holds a "
                                   "lock")
         lock = RepositoryLock(self, exclusive, **lock_options)  # type: ignore[arg-type]
-        lock.acquire()
+        lock.acquire(defer_recheck=defer_recheck)
         try:
             self.load_index()
         except BaseException:
@@ -240,14 +242,16 @@ class Repository:
         self._lock = lock
         return lock
 
-    def _check_writable(self) -> None:
+    def _check_writable(self, *, writing: bool = False) -> None:
+        """Raise unless this repository may be written; `writing`: a file is about to be
+        (see `RepositoryLock.check`)."""
         if self._closed:
             raise RepositoryError(f"{self.location}: the repository was closed")
         if self._failure is not None:
             raise self._failure
         if self._lock is None or self._lock.name is None:
             raise RepositoryError(f"{self.location}: writing needs a lock: call lock() first")
-        self._lock.check()
+        self._lock.check(writing=writing)
 
     # -- index -----------------------------------------------------------------------------
 
@@ -374,7 +378,7 @@ class Repository:
     def _write_pack(self, builder: PackBuilder) -> None:
         """Write a pack (durably), then make its blobs known."""
         assert self._lock is not None
-        self._lock.check()
+        self._lock.check(writing=True)
         pack_id, data = builder.finish(self.key)
         self.backend.save(FileType.PACK, pack_id.hex(), data)
         with self._state:
@@ -400,7 +404,7 @@ class Repository:
                 files = split_into_files(packs, self.index_max_blobs)
                 while files:
                     assert self._lock is not None
-                    self._lock.check()
+                    self._lock.check(writing=True)
                     self.save_unpacked(FileType.INDEX, files[0].encode())
                     files.pop(0)
             except BaseException:
@@ -507,7 +511,7 @@ class Repository:
         if not self.index.has(snapshot.tree, BlobType.TREE):
             raise RepositoryError(f"{self.location}: snapshot tree {short(snapshot.tree)} is "
                                   "not in the repository; save the tree first")
-        self._check_writable()
+        self._check_writable(writing=True)
         name = self.save_unpacked(FileType.SNAPSHOT, snapshot.encode())
         snapshot.id = bytes.fromhex(name)
         return snapshot.id
