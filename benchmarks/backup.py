@@ -46,7 +46,7 @@ SRC = HERE.parent / "src"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(SRC))
 
-from common import measure, report  # noqa: E402
+from common import compile_sources, measure, report  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -158,6 +158,7 @@ def main() -> None:
                         help="also time the incrementals with the page cache dropped before "
                              "each run (root only): the source is read from the disk")
     args = parser.parse_args()
+    compile_sources()
     if shutil.which("restic") is None:
         sys.exit("restic is not installed (apt-get install restic)")
     args.scratch.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-from common import report  # noqa: E402
+from common import compile_sources, report  # noqa: E402
 
 from blockera.backup import BlobType, FileType, KdfParams, Repository  # noqa: E402
 from blockera.backup.s3 import S3Backend  # noqa: E402
@@ -354,6 +354,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None,
                     help="scratch directory for the cluster (default: a temporary one)")
     args = ap.parse_args()
+    compile_sources()
     args.what = args.what or ["clients", "repository", "jobs"]
     if set(args.what) - {"clients", "repository", "jobs"}:
         ap.error("the comparisons are: clients, repository, jobs")

@@ -7,11 +7,21 @@ import json
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def compile_sources() -> None:
+    """Byte-compile blockera's sources, as installing the package does: the benchmarks run the
+    commands from the source tree, where an environment with PYTHONDONTWRITEBYTECODE would
+    otherwise compile every module again in every command (~0.1 s each)."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(SRC / "blockera")],
+                   check=True, stdout=subprocess.DEVNULL)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import report  # noqa: E402
+from common import compile_sources, report  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
+    compile_sources()
     for tool in ("rsync", "debugfs", "mkfs.ext4"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install rsync e2fsprogs")

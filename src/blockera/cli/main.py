@@ -4,6 +4,7 @@ user is a bug; set BLOCKERA_DEBUG=1 to see one."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
@@ -14,7 +15,35 @@ from blockera import __version__
 from blockera.errors import BlockeraError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_COMMANDS = {
+    "era": "era", "cow": "cow", "dmsetup": "dmsetup", "daemon": "daemon", "dd": "dd",
+    "nbd": "nbd",
+    **{name: "backup" for name in ("init", "backup", "snapshots", "restore", "dump", "check",
+                                   "forget", "prune", "mount")},
+    "copy": "copy",
+    **{name: "live" for name in ("track", "activate", "untrack", "status", "replicate", "mark",
+                                 "invalidate")},
+}
+"""Each command and the module of `blockera.cli` defining it (under the same name)."""
+
+
+class _Commands(click.Group):
+    """The commands, each imported when it is used (or listed): a command starts without
+    loading every other command's code."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = _COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        command = getattr(importlib.import_module(f"blockera.cli.{module}"), cmd_name)
+        assert isinstance(command, click.Command) and command.name == cmd_name
+        return command
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="blockera")
 def cli() -> None:
     """Block-level change tracking, snapshots and incremental backup: dm-era and dm-snapshot
@@ -24,26 +53,6 @@ def cli() -> None:
     Example:
       blockera era invalidate --written-since 3 /dev/mapper/era-access
     """
-
-
-def _register() -> None:
-    from blockera.cli.copy import copy
-    from blockera.cli.cow import cow
-    from blockera.cli.daemon import daemon
-    from blockera.cli.dd import dd
-    from blockera.cli.dmsetup import dmsetup
-    from blockera.cli.era import era
-    from blockera.cli.live import activate, invalidate, mark, replicate, status, track, untrack
-    from blockera.cli.nbd import nbd
-
-    from blockera.cli.backup import COMMANDS as backup_commands
-
-    for command in (era, cow, dmsetup, daemon, dd, nbd, *backup_commands, copy, track,
-                    activate, untrack, status, replicate, mark, invalidate):
-        cli.add_command(command)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> None:
