@@ -30,8 +30,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from typing import TypeVar
 
 from blockera.backup.backend import Backend, FileType
 from blockera.backup.compression import compress, decode_unpacked, decompress, encode_unpacked
@@ -56,6 +58,10 @@ _PACK_TAIL_GUESS_BYTES = 64 << 10
 INDEX_MAX_AGE_S = 10 * 60
 """Packs written this long ago get an index file at the next pack, however few blobs wait
 (restic's rule: a long backup keeps its progress indexed)."""
+LOAD_CONCURRENCY = 8
+"""Index and snapshot files loaded at once (S3 requests: the backend's connection pool
+bounds them further)."""
+T = TypeVar("T")
 
 
 class BlobNotFoundError(RepositoryError):
@@ -253,6 +259,22 @@ class Repository:
             raise RepositoryError(f"{self.location}: writing needs a lock: call lock() first")
         self._lock.check(writing=writing)
 
+    def _load_each(self, load: Callable[[str], T], names: list[str]
+                   ) -> list[T | BaseException]:
+        """`load(name)` for every name, `LOAD_CONCURRENCY` at a time (on S3 each is a
+        request: index and snapshot files load in parallel, not one round trip after
+        another); results, or the exception each raised, in the order of `names`."""
+        def attempt(name: str) -> T | BaseException:
+            try:
+                return load(name)
+            except Exception as exc:  # handed to the caller, in order
+                return exc
+
+        if len(names) <= 1:
+            return [attempt(name) for name in names]
+        with ThreadPoolExecutor(min(LOAD_CONCURRENCY, len(names)), "load") as pool:
+            return list(pool.map(attempt, names))
+
     # -- index -----------------------------------------------------------------------------
 
     @property
@@ -269,17 +291,20 @@ class Repository:
         index = MasterIndex()
         files = []
         skipped: list[str] = []
-        for fi in sorted(self.backend.list(FileType.INDEX), key=lambda f: f.name):
-            if not is_id_hex(fi.name):
-                continue
-            try:
-                raw = self.load_unpacked(FileType.INDEX, fi.name)
-                files.append(IndexColumns.parse(raw, f"index {fi.name[:8]} in "
-                                                     f"{self.location}"))
-            except RepositoryError as exc:
-                if not skip_damaged:
-                    raise
-                skipped.append(str(exc))
+        names = sorted(fi.name for fi in self.backend.list(FileType.INDEX)
+                       if is_id_hex(fi.name))
+
+        def load(name: str) -> IndexColumns:
+            raw = self.load_unpacked(FileType.INDEX, name)
+            return IndexColumns.parse(raw, f"index {name[:8]} in {self.location}")
+
+        for loaded in self._load_each(load, names):
+            if isinstance(loaded, RepositoryError) and skip_damaged:
+                skipped.append(str(loaded))
+            elif isinstance(loaded, BaseException):
+                raise loaded
+            else:
+                files.append(loaded)
         index.add_index_files(files)
         with self._state:
             for pack_id, entries in self._unindexed:
@@ -524,12 +549,14 @@ class Repository:
     def list_snapshots(self) -> list[Snapshot]:
         """Every snapshot, oldest first."""
         out = []
-        for fi in self.backend.list(FileType.SNAPSHOT):
-            if is_id_hex(fi.name):
-                try:
-                    out.append(self.load_snapshot(bytes.fromhex(fi.name)))
-                except BackendNotFoundError:
-                    continue  # removed (forget) while listing
+        names = [fi.name for fi in self.backend.list(FileType.SNAPSHOT) if is_id_hex(fi.name)]
+        for loaded in self._load_each(lambda name: self.load_snapshot(bytes.fromhex(name)),
+                                      names):
+            if isinstance(loaded, BackendNotFoundError):
+                continue  # removed (forget) while listing
+            if isinstance(loaded, BaseException):
+                raise loaded
+            out.append(loaded)
         out.sort(key=lambda s: (s.time.unix_ns, s.id or b""))
         return out
 
