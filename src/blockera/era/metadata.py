@@ -304,8 +304,8 @@ class EraMetadata:
             begin = digest.current_bit
             end = min(begin + INSERTS_PER_STEP, digest.nr_bits)
             value = _U32.pack(digest.era & 0xFFFFFFFF)
-            for bit in self._marked_bits(digest.writeset.root, begin, end):
-                self.era_array_root = self.era_array.set(self.era_array_root, bit, value)
+            self.era_array_root = self.era_array.set_many(
+                self.era_array_root, self._marked_bits(digest.writeset.root, begin, end), value)
             if end == digest.nr_bits:
                 digest.step = "remove"
             else:

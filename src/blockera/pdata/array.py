@@ -144,6 +144,25 @@ class Array:
         buf[off: off + self.value_size] = value
         return root
 
+    def set_many(self, root: int, indexes: list[int], value: bytes) -> int:
+        """Store `value` at each of `indexes`, in their order; returns the new root. As with
+        `or_words`, each array block is shadowed once, where its first index comes up, so the
+        allocations are those of one `set` per index in that order."""
+        vs = self.value_size
+        buffers: dict[int, bytearray] = {}
+        for index in indexes:
+            block_index, entry = divmod(index, self.max_entries)
+            buf = buffers.get(block_index)
+            if buf is None:
+                root, buf = self._shadow_ablock(root, block_index)
+                buffers[block_index] = buf
+            _, _, nr, _ = _HEADER.unpack_from(buf, 0)
+            if entry >= nr:
+                raise MetadataError(f"array index {index} is beyond the array's last block")
+            off = ARRAY_HEADER_BYTES + entry * vs
+            buf[off: off + vs] = value
+        return root
+
     def or_words(self, root: int, masks: dict[int, int]) -> int:
         """OR each mask of `masks` (index -> integer) into the value at that index, visiting
         the indexes in the dict's order; returns the new root. Every array block is shadowed
