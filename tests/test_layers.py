@@ -9,8 +9,8 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
-    {"errors", "units"},
-    {"blockdev", "direct_io", "progress", "unix_socket", "row_render"},
+    {"errors", "units", "direct_io"},
+    {"blockdev", "progress", "unix_socket", "row_render"},
     {"pdata"},
     {"dm"},
     {"era", "snapshot"},

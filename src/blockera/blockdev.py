@@ -10,7 +10,6 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import mmap
 import os
 import stat
 import struct
@@ -18,6 +17,7 @@ import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from blockera.direct_io import aligned_buffer
 from blockera.errors import DeviceError, NoSpaceError
 
 _BLKGETSIZE64 = 0x80081272
@@ -164,14 +164,15 @@ class FileDevice(BlockDevice):
         start = offset_bytes - offset_bytes % _DIRECT_ALIGN
         end = -(-(offset_bytes + length_bytes) // _DIRECT_ALIGN) * _DIRECT_ALIGN
         end = min(end, max(self._size, start))
-        buf = mmap.mmap(-1, max(end - start, _DIRECT_ALIGN))
+        length = max(end - start, _DIRECT_ALIGN)
+        view = memoryview(aligned_buffer(length))[:length]
         try:
-            got = os.preadv(self._fd, [buf], start)
+            got = os.preadv(self._fd, [view], start)
             if got < offset_bytes + length_bytes - start:
                 raise DeviceError(f"{self.name}: short read at byte {start + got}")
-            return bytes(buf[offset_bytes - start: offset_bytes - start + length_bytes])
+            return bytes(view[offset_bytes - start: offset_bytes - start + length_bytes])
         finally:
-            buf.close()
+            view.release()
 
     def write(self, offset_bytes: int, data: bytes | bytearray | memoryview) -> None:
         if not self.writable:
@@ -196,17 +197,21 @@ class FileDevice(BlockDevice):
     def _direct_write(self, offset_bytes: int, data: bytes | bytearray | memoryview) -> None:
         start = offset_bytes - offset_bytes % _DIRECT_ALIGN
         end = -(-(offset_bytes + len(data)) // _DIRECT_ALIGN) * _DIRECT_ALIGN
-        buf = mmap.mmap(-1, end - start)
+        around = None       # the partial blocks' other bytes, read before the buffer is taken
+        if start != offset_bytes or end != offset_bytes + len(data):
+            around = self._direct_read(start, min(end, self._size) - start).ljust(end - start,
+                                                                                   b"\0")
+        view = memoryview(aligned_buffer(end - start))[:end - start]
         try:
-            if start != offset_bytes or end != offset_bytes + len(data):
-                buf[:] = self._direct_read(start, min(end, self._size) - start).ljust(end - start, b"\0")
-            buf[offset_bytes - start: offset_bytes - start + len(data)] = bytes(data)
-            os.pwritev(self._fd, [buf], start)
+            if around is not None:
+                view[:] = around
+            view[offset_bytes - start: offset_bytes - start + len(data)] = data
+            os.pwritev(self._fd, [view], start)
         except OSError as exc:
             raise DeviceError(f"{self.name}: write failed at byte {offset_bytes}: "
                               f"{exc.strerror}", errno_name=_errno_name(exc)) from None
         finally:
-            buf.close()
+            view.release()
 
     def flush(self) -> None:
         if self.writable:

@@ -4,9 +4,10 @@ restored image — need no page cache, and filling it costs more than the write 
 memory is fresh (a virtual machine whose host takes back free pages) and evicts what the
 machine had cached.
 
-Direct writes move whole aligned blocks from aligned memory: `ALIGN_BYTES` covers every Linux
-block device's logical block and the page size. Each thread keeps one page-aligned buffer,
-reused and grown as needed, so no fresh memory is touched per write.
+Direct I/O moves whole aligned blocks from and to aligned memory: `ALIGN_BYTES` covers every
+Linux block device's logical block and the page size. Each thread keeps one page-aligned
+buffer, reused and grown as needed, so no fresh memory is touched per write (or per direct read
+of a block device, `blockera.blockdev`).
 """
 
 from __future__ import annotations
