@@ -10,6 +10,7 @@ Resizing and updates follow the kernel's steps so allocation counts match.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
 from blockera.errors import MetadataError
 from blockera.pdata.btree import BTree, ValueType
@@ -144,12 +145,15 @@ class Array:
         buf[off: off + self.value_size] = value
         return root
 
-    def set_many(self, root: int, indexes: list[int], value: bytes) -> int:
-        """Store `value` at each of `indexes`, in their order; returns the new root. As with
-        `or_words`, each array block is shadowed once, where its first index comes up, so the
-        allocations are those of one `set` per index in that order."""
+    def _entries(self, root: int, indexes: Iterable[int]
+                 ) -> tuple[int, list[tuple[bytearray, int]]]:
+        """The new root and, for each index in order, its block's buffer and byte offset there.
+        Every array block is shadowed once, the first time one of its indexes comes up, so
+        allocations happen in the same order as a `set` per index in that order would make
+        them (the later sets of a block already shadowed change it in place)."""
         vs = self.value_size
         buffers: dict[int, bytearray] = {}
+        out = []
         for index in indexes:
             block_index, entry = divmod(index, self.max_entries)
             buf = buffers.get(block_index)
@@ -159,28 +163,25 @@ class Array:
             _, _, nr, _ = _HEADER.unpack_from(buf, 0)
             if entry >= nr:
                 raise MetadataError(f"array index {index} is beyond the array's last block")
-            off = ARRAY_HEADER_BYTES + entry * vs
+            out.append((buf, ARRAY_HEADER_BYTES + entry * vs))
+        return root, out
+
+    def set_many(self, root: int, indexes: list[int], value: bytes) -> int:
+        """Store `value` at each of `indexes`, in their order; returns the new root (the
+        allocations of one `set` per index, see `_entries`)."""
+        root, entries = self._entries(root, indexes)
+        vs = self.value_size
+        for buf, off in entries:
             buf[off: off + vs] = value
         return root
 
     def or_words(self, root: int, masks: dict[int, int]) -> int:
         """OR each mask of `masks` (index -> integer) into the value at that index, visiting
-        the indexes in the dict's order; returns the new root. Every array block is shadowed
-        once, the first time one of its indexes comes up, so allocations happen in the same
-        order as a `set` per index in that order would make them (the later sets of a block
-        already shadowed change it in place)."""
+        the indexes in the dict's order; returns the new root (the allocations of one `set`
+        per index, see `_entries`)."""
+        root, entries = self._entries(root, masks)
         vs = self.value_size
-        buffers: dict[int, bytearray] = {}
-        for index, mask in masks.items():
-            block_index, entry = divmod(index, self.max_entries)
-            buf = buffers.get(block_index)
-            if buf is None:
-                root, buf = self._shadow_ablock(root, block_index)
-                buffers[block_index] = buf
-            _, _, nr, _ = _HEADER.unpack_from(buf, 0)
-            if entry >= nr:
-                raise MetadataError(f"array index {index} is beyond the array's last block")
-            off = ARRAY_HEADER_BYTES + entry * vs
+        for (buf, off), mask in zip(entries, masks.values()):
             old = int.from_bytes(buf[off: off + vs], "little")
             buf[off: off + vs] = (old | mask).to_bytes(vs, "little")
         return root
