@@ -36,6 +36,11 @@ class ChunkMap:
     def lookup(self, old_chunk: int) -> int | None:
         return self._map.get(old_chunk)
 
+    def missing(self, first: int, stop: int) -> list[int]:
+        """The old chunks in [first, stop) without an exception."""
+        known = self._map
+        return [chunk for chunk in range(first, stop) if chunk not in known]
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of (old, new) in list order."""
         return self._old[: self._n].copy(), self._new[: self._n].copy()
@@ -47,10 +52,12 @@ class ChunkMap:
             capacity = max(need, 2 * len(self._old))
             self._old = np.resize(self._old, capacity)
             self._new = np.resize(self._new, capacity)
+        if pairs:
+            columns = np.array(pairs, dtype=np.uint64)
+            self._old[self._n: need] = columns[:, 0]
+            self._new[self._n: need] = columns[:, 1]
+            self._n = need
         for old, new in pairs:
-            self._old[self._n] = old
-            self._new[self._n] = new
-            self._n += 1
             if old in self._map:
                 self._has_duplicates = True
             else:

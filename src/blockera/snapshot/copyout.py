@@ -56,14 +56,13 @@ def chunks_to_copy(snap: OriginSnapshot, sector: int, nr_sectors: int) -> list[i
     cs = snap.chunk_sectors
     store = snap.store
     assert store is not None
-    end = sector + nr_sectors
-    chunks = []
-    for chunk in range(sector // cs, (end - 1) // cs + 1):
-        if max(chunk * cs, sector) >= snap.length_sectors:
-            break
-        if store.lookup(chunk) is None:
-            chunks.append(chunk)
-    return chunks
+    if sector >= snap.length_sectors:
+        return []
+    # the first chunk starts inside the snapshot (at `sector`); a later one counts while its
+    # start is before the snapshot's end
+    first = sector // cs
+    stop = min((sector + nr_sectors - 1) // cs + 1, -(-snap.length_sectors // cs))
+    return store.missing(first, stop)
 
 
 def copy_out_needed(group: OriginGroup, sector: int, nr_sectors: int) -> bool:

@@ -65,6 +65,18 @@ class Geometry:
             return next_free + 1
         return next_free
 
+    def next_chunks(self, next_free: int, count: int) -> list[int]:
+        """The `count` data chunks allocated from `next_free` on, one after another (each
+        followed by `skip_metadata`); the chunk after the last is `skip_metadata(last + 1)`."""
+        stride = self.stride_chunks
+        chunks = []
+        for _ in range(count):
+            chunks.append(next_free)
+            next_free += 1
+            if next_free % stride == NUM_HEADER_CHUNKS:
+                next_free += 1
+        return chunks
+
     def allocation_chunk(self, index: int) -> int:
         """COW chunk of the `index`-th (0-based) exception of a store that was never
         interrupted: `2 + j + j // EPA`."""

@@ -144,17 +144,20 @@ class PersistentStore(ExceptionStore):
             if self._merging:
                 raise TargetError("the store is being merged: no new exceptions")
             size_sectors = self.cow.size_bytes // SECTOR_BYTES
-            chunks = []
-            for _ in range(count):
-                if size_sectors < (self.next_free + 1) * self.chunk_sectors:
-                    raise NoSpaceError(
-                        f"COW device full: chunk {self.next_free} would end at sector "
-                        f"{(self.next_free + 1) * self.chunk_sectors}, the COW has "
-                        f"{size_sectors} sectors", errno_name="ENOSPC")
-                new_chunk = self.next_free
-                self.next_free = self.geometry.skip_metadata(self.next_free + 1)
-                self._pending.append(new_chunk)
-                chunks.append(new_chunk)
+            cs = self.chunk_sectors
+            chunks = self.geometry.next_chunks(self.next_free, count)
+            fits = len(chunks)
+            while fits and size_sectors < (chunks[fits - 1] + 1) * cs:
+                fits -= 1       # chunks ascend: the ones past the COW's end are at the tail
+            self._pending.extend(chunks[:fits])
+            if fits < count:   # what fitted stays allocated, as one allocation at a time did
+                full = chunks[fits]
+                self.next_free = full
+                raise NoSpaceError(f"COW device full: chunk {full} would end at sector "
+                                   f"{(full + 1) * cs}, the COW has {size_sectors} sectors",
+                                   errno_name="ENOSPC")
+            if chunks:
+                self.next_free = self.geometry.skip_metadata(chunks[-1] + 1)
             return chunks
 
     def commit(self, pairs: Iterable[tuple[int, int]]) -> None:

@@ -108,6 +108,10 @@ class ExceptionStore(ABC):
         """COW chunk holding origin chunk `old_chunk`, or None. (For N, 0 is a valid answer.)"""
         return self._map.lookup(old_chunk)
 
+    def missing(self, first_chunk: int, stop_chunk: int) -> list[int]:
+        """The origin chunks in [first_chunk, stop_chunk) that have no exception."""
+        return self._map.missing(first_chunk, stop_chunk)
+
     def __len__(self) -> int:
         return len(self._map)
 
