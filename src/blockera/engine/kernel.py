@@ -33,6 +33,9 @@ _FAILED_RE = re.compile(r"(\w+) ioctl on (\S*)(?: \(\d+:\d+\))?\s+failed: (.+)$"
 # under qemu TCG: 262144 blocks in about 0.4 s), with a wide margin.
 _DIGEST_SECONDS_PER_BLOCK = 4e-6
 _SETTLE_SECONDS = 0.02
+# After a checkpoint (which archives a writeset for the worker to digest) the wait is longer:
+# a guest sharing a loaded host's CPU can fall behind the measured rate.
+_SETTLE_AFTER_CHECKPOINT_SECONDS = 0.25
 
 
 class KernelEngine:
@@ -44,6 +47,7 @@ class KernelEngine:
         if not udev:
             self.env["DM_DISABLE_UDEV"] = "1"   # libdevmapper then makes /dev/mapper nodes
         self._era_blocks: dict[str, int] = {}    # era blocks of the tables loaded, per device
+        self._checkpointed = False               # a checkpoint message since the last settle
 
     def _note_table(self, name: str, table: str | None) -> None:
         """Remember how many era blocks the device's tables have (for `settle`)."""
@@ -111,6 +115,8 @@ class KernelEngine:
         self.mknodes()
 
     def message(self, name: str, sector: int, args: list[str]) -> str:
+        if args and args[0] == "checkpoint":
+            self._checkpointed = True
         return self._run(["message", name, str(sector), *args], error_class=TargetError).strip()
 
     def status(self, name: str | None = None) -> str:
@@ -132,8 +138,12 @@ class KernelEngine:
         """The kernel's workers run on their own and report no progress (a status call would
         itself commit the era metadata): wait as long as the era worker can need to digest a
         whole writeset of the largest era device this engine loaded, or a moment."""
-        blocks = max(self._era_blocks.values(), default=0)
-        time.sleep(_SETTLE_SECONDS + blocks * _DIGEST_SECONDS_PER_BLOCK)
+        budget = _SETTLE_SECONDS + max(self._era_blocks.values(), default=0) \
+            * _DIGEST_SECONDS_PER_BLOCK
+        if self._checkpointed:      # a writeset to digest since the last wait: more margin
+            self._checkpointed = False
+            budget = max(budget + _SETTLE_AFTER_CHECKPOINT_SECONDS, 2 * budget)
+        time.sleep(budget)
 
     def dev_t(self, name: str) -> str:
         """MAJ:MIN of a device (as the kernel prints it in tables)."""
