@@ -17,14 +17,13 @@ import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from blockera.direct_io import aligned_buffer
+from blockera.direct_io import ALIGN_BYTES, aligned_buffer
 from blockera.errors import DeviceError, NoSpaceError
 
 _BLKGETSIZE64 = 0x80081272
 _BLKDISCARD = 0x1277
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_DIRECT_ALIGN = 4096
 
 
 class BlockDevice(ABC):
@@ -81,6 +80,15 @@ class BlockDevice(ABC):
 
 def _errno_name(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, "EIO")
+
+
+def write_error(name: str, offset_bytes: int, exc: OSError) -> DeviceError:
+    """The error for a failed write of device `name` at `offset_bytes`: `NoSpaceError` when
+    the device or file system is full."""
+    if exc.errno == errno.ENOSPC:
+        return NoSpaceError(f"{name}: no space left for a write at byte {offset_bytes}")
+    return DeviceError(f"{name}: write failed at byte {offset_bytes}: {exc.strerror}",
+                       errno_name=_errno_name(exc))
 
 
 def _device_size(fd: int, mode: int) -> int:
@@ -161,10 +169,10 @@ class FileDevice(BlockDevice):
                               f"{exc.strerror}", errno_name=_errno_name(exc)) from None
 
     def _direct_read(self, offset_bytes: int, length_bytes: int) -> bytes:
-        start = offset_bytes - offset_bytes % _DIRECT_ALIGN
-        end = -(-(offset_bytes + length_bytes) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        start = offset_bytes - offset_bytes % ALIGN_BYTES
+        end = -(-(offset_bytes + length_bytes) // ALIGN_BYTES) * ALIGN_BYTES
         end = min(end, max(self._size, start))
-        length = max(end - start, _DIRECT_ALIGN)
+        length = max(end - start, ALIGN_BYTES)
         view = memoryview(aligned_buffer(length))[:length]
         try:
             got = os.preadv(self._fd, [view], start)
@@ -188,15 +196,11 @@ class FileDevice(BlockDevice):
             while done < length:
                 done += os.pwrite(self._fd, view[done:], offset_bytes + done)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise NoSpaceError(f"{self.name}: no space left for a write at byte "
-                                   f"{offset_bytes + done}") from None
-            raise DeviceError(f"{self.name}: write failed at byte {offset_bytes + done}: "
-                              f"{exc.strerror}", errno_name=_errno_name(exc)) from None
+            raise write_error(self.name, offset_bytes + done, exc) from None
 
     def _direct_write(self, offset_bytes: int, data: bytes | bytearray | memoryview) -> None:
-        start = offset_bytes - offset_bytes % _DIRECT_ALIGN
-        end = -(-(offset_bytes + len(data)) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        start = offset_bytes - offset_bytes % ALIGN_BYTES
+        end = -(-(offset_bytes + len(data)) // ALIGN_BYTES) * ALIGN_BYTES
         around = None       # the partial blocks' other bytes, read before the buffer is taken
         if start != offset_bytes or end != offset_bytes + len(data):
             around = self._direct_read(start, min(end, self._size) - start).ljust(end - start,
@@ -208,8 +212,7 @@ class FileDevice(BlockDevice):
             view[offset_bytes - start: offset_bytes - start + len(data)] = data
             os.pwritev(self._fd, [view], start)
         except OSError as exc:
-            raise DeviceError(f"{self.name}: write failed at byte {offset_bytes}: "
-                              f"{exc.strerror}", errno_name=_errno_name(exc)) from None
+            raise write_error(self.name, offset_bytes, exc) from None
         finally:
             view.release()
 

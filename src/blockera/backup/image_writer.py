@@ -26,9 +26,9 @@ import os
 import threading
 from collections.abc import Callable
 
-from blockera.blockdev import BlockDevice, FileDevice
+from blockera.blockdev import BlockDevice, FileDevice, write_error
 from blockera.direct_io import ALIGN_BYTES
-from blockera.errors import DeviceError, NoSpaceError
+from blockera.errors import DeviceError
 
 BATCH_BYTES = 8 << 20
 WRITEBACK_STEP_BYTES = 32 << 20
@@ -37,12 +37,6 @@ _SYNC_FILE_RANGE_WRITE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)     # the C library the interpreter runs on
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                                   ctypes.c_uint]
-
-
-def _write_error(name: str, offset_bytes: int, exc: OSError) -> DeviceError:
-    if exc.errno == errno.ENOSPC:
-        return NoSpaceError(f"{name}: no space left for a write at byte {offset_bytes}")
-    return DeviceError(f"{name}: write failed at byte {offset_bytes}: {exc.strerror}")
 
 
 class _DirectWriter:
@@ -76,7 +70,7 @@ class _DirectWriter:
                     if exc.errno == errno.EINVAL and done == 0:
                         self.direct_works = False   # the file system refuses O_DIRECT here
                         continue
-                    raise _write_error(self.name, offset_bytes + done, exc) from None
+                    raise write_error(self.name, offset_bytes + done, exc) from None
                 if wrote <= 0 or wrote % ALIGN_BYTES:
                     raise DeviceError(f"{self.name}: short direct write at byte "
                                       f"{offset_bytes + done}")
