@@ -7,7 +7,9 @@ rounds; medians over `--rounds`):
 * `qemu-nbd` serving the raw file (cache=writeback, aio=threads: through the page cache, as
   blockera's devices are);
 * `blockera daemon` exporting a `linear` device over the raw file and an `era` device over the
-  same file (4 KiB era blocks, the finest and costliest tracking; metadata in its own file).
+  same file (4 KiB era blocks, the finest and costliest tracking; metadata in its own file,
+  written out in full first, as an LV or a restored metadata file is, so that no metadata flush
+  pays for allocating file blocks).
 
 Jobs (one connection, queue depth `--iodepth`):
 
@@ -83,7 +85,7 @@ class Servers:
             for _ in range(file_mib):
                 f.write(block)
         with open(self.meta, "wb") as f:
-            f.truncate(64 * MiB)
+            f.write(bytes(64 * MiB))
         self.qemu_sock = work / "qemu.sock"
         self.control = work / "engine.sock"
         self.nbd_sock = work / "engine-nbd.sock"

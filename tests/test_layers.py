@@ -9,7 +9,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
-    {"errors", "units", "direct_io"},
+    {"errors", "units", "direct_io", "blocking"},
     {"blockdev", "progress", "unix_socket", "row_render"},
     {"pdata"},
     {"dm"},

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from blockera.blockdev import FileDevice
+from blockera.blocking import waits_announced_to
 from blockera.engine.userspace import Engine
 from blockera.errors import NoSpaceError, TableError, TargetError
 from blockera.era.check import check_era_metadata
@@ -236,6 +237,17 @@ def test_metadata_full_fails_writes_and_keeps_what_was_tracked(engine: Engine,
     assert report.ok, report.lines()
     image = EraImage(FileDevice(meta, writable=False))
     assert set(tracked) <= set(np.flatnonzero(image.changed_since(0)).tolist())
+
+
+def test_a_first_write_announces_its_wait_and_a_write_to_a_marked_block_does_not(
+        engine: Engine, disks) -> None:
+    _era(engine, *disks)
+    dev = engine.device("era")
+    announced: list[str] = []
+    for label in ("first", "again"):
+        with waits_announced_to(lambda: announced.append(label)):
+            dev.write(3 * BLOCK, os.urandom(BLOCK))
+    assert announced == ["first"]
 
 
 def test_concurrent_first_writes_share_commits(tmp_path: Path) -> None:

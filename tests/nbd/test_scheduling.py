@@ -10,7 +10,11 @@ import struct
 import threading
 import time
 
+import pytest
+
 from blockera.blockdev import MemoryDevice
+from blockera.blocking import about_to_wait
+from blockera.nbd import workers as workers_module
 from blockera.nbd.workers import Workers
 
 from .conftest import GatedDevice, wait_until
@@ -48,6 +52,8 @@ class Harness:
             self.executing += 1
             self.most_at_once = max(self.most_at_once, self.executing)
         try:
+            if request.startswith("announce"):
+                about_to_wait()
             if request == "boom":
                 raise RuntimeError("a bug")
             gate = self.gates.get(request)
@@ -85,6 +91,26 @@ def test_a_blocked_request_does_not_hold_up_the_others() -> None:
     assert h.finished.wait(10)
     h.thread.join(10)
     assert h.finish_calls == 1 and h.workers.thread_count == 0
+
+
+def test_a_request_announcing_a_wait_hands_the_reading_over_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the standby's poll would take a minute to notice: only the announcement lets others by
+    monkeypatch.setattr(workers_module, "STALL_POLL_S", 60.0)
+    h = Harness(max_workers=8)
+    waiting = [f"announce{i}" for i in range(3)]
+    gates = [h.gate(n) for n in waiting]
+    h.thread.start()
+    h.feed("a")
+    wait_until(lambda: "a" in h.done)
+    time.sleep(0.05)            # a second thread is the standby now: reads run inline
+    h.feed(*waiting, "b", "c")
+    wait_until(lambda: h.executing == 3 and {"a", "b", "c"} <= set(h.done), timeout_s=10)
+    for g in gates:
+        g.set()
+    wait_until(lambda: len(h.done) == 6)
+    h.feed(None)
+    assert h.finished.wait(10)
 
 
 def test_requests_in_the_device_are_bounded_by_max_workers() -> None:

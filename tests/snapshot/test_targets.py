@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from blockera.blockdev import FileDevice
+from blockera.blocking import waits_announced_to
 from blockera.engine.userspace import Engine
 from blockera.errors import DeviceError, TableError, TargetError
 from blockera.snapshot import changed_chunks, read_cow
@@ -83,6 +84,15 @@ def stack(tmp_path: Path):
 
 
 # -- table lines -------------------------------------------------------------------------------
+def test_an_origin_write_announces_its_wait_only_when_it_copies_out(stack: Stack) -> None:
+    base = stack.engine.device("base")
+    announced: list[str] = []
+    for label in ("copy-out", "already copied"):
+        with waits_announced_to(lambda: announced.append(label)):
+            base.write(64 * KiB, os.urandom(4 * KiB))
+    assert announced == ["copy-out"]
+
+
 @pytest.mark.parametrize("args, message", [
     ("{o} {c} P", "snapshot: requires 4 or more arguments"),
     ("{o} {c} X 8", "Couldn't create exception store (Exception store type is not P or N)"),

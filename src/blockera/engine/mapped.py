@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 
 from blockera.blockdev import BlockDevice
+from blockera.blocking import about_to_wait
 from blockera.dm.table import TableLine
 from blockera.dm.target import Target
 from blockera.errors import DeviceError, DeviceMapperError
@@ -66,6 +67,8 @@ class MappedDevice(BlockDevice):
     # -- I/O ------------------------------------------------------------------------------------
     def _enter(self) -> Table:
         with self._io:
+            if self.suspended:
+                about_to_wait()
             while self.suspended:
                 self._io.wait()
             if self.live is None:

@@ -27,6 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+from blockera.blocking import about_to_wait
 from blockera.dm.devref import Opener
 from blockera.dm.target import Target
 from blockera.era.metadata import DigestProgress, EraMetadata, Stats
@@ -302,6 +303,7 @@ class EraTarget(Target):
         if not unmarked:
             return
         mark = _Mark(unmarked)
+        about_to_wait()             # a metadata commit at least: let the server read on
         self.worker.mark(mark)
         if mark.error is not None:
             raise mark.error

@@ -9,8 +9,8 @@ NBD_REPLY_TYPE_ERROR chunks carrying the message).
 Requests are served by a small pool of threads per connection (`blockera.nbd.workers`): one
 thread at a time receives the next request (a WRITE's payload into that thread's own buffer);
 it executes fast requests itself, and when a request blocks, another thread takes over
-receiving, so a pipelining client has several requests in flight and replies go out as they
-complete, matched by cookie. A reply is written with one `sendmsg` under the send lock; the
+receiving (at once when the request announces its wait, `blockera.blocking`), so a pipelining
+client has several requests in flight and replies go out as they complete, matched by cookie. A reply is written with one `sendmsg` under the send lock; the
 replies of requests executed on the reading thread while more requests are already buffered
 are held back and sent together (one `sendmsg` for up to `_CORK_BUFFERS` buffers or
 `_CORK_BYTES`), at the latest when the reader would wait for the client, when a request is
@@ -102,7 +102,8 @@ class Transmission:
         reader.before_wait = self._flush_replies
         self._workers: Workers[_Request] = Workers(
             receive=self._next_request, execute=self._execute, interrupt=self._abort,
-            max_workers=max_workers, name=f"nbd {peer}", on_finished=self._finished)
+            max_workers=max_workers, name=f"nbd {peer}", on_finished=self._finished,
+            on_hand_over=self._handed_over)
 
     # -- life cycle --------------------------------------------------------------------------
     def run(self) -> None:
@@ -131,6 +132,12 @@ class Transmission:
             self._sock.close()
         finally:
             self._on_finished()
+
+    def _handed_over(self) -> None:
+        """This thread's request is about to wait and another thread reads on: its reply is
+        no longer held back, nor are the replies already held."""
+        self._local.inline = False
+        self._flush_replies()
 
     def _next_request(self) -> _Request | None:
         """The next request, or None when the connection is over (disconnect, NBD_CMD_DISC,

@@ -16,6 +16,11 @@ A *standby* thread watches the inline reader: when the same request has been exe
 whole poll interval (`STALL_POLL_S`), the standby takes the reader role and the connection
 switches to dispatch mode for `DISPATCH_REQUESTS` requests; after that it tries inline again.
 The standby polls only while requests are flowing and parks when the connection is idle.
+A request that knows it is about to wait says so (`blockera.blocking.about_to_wait`: an era
+write's first mark, a snapshot copy-out): the inline reader then hands the reader role over at
+once, without waiting for the standby's poll, and the connection stays in inline mode -- so a
+device sees every first write a pipelining client has in flight, one thread each, and an era
+device commits them together, while requests that do not wait still cost no hand-over.
 Threads are started on demand, up to `max_workers` (with 1, requests run one at a time).
 No lock is held across `receive` or `execute`.
 
@@ -28,6 +33,8 @@ import logging
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from blockera.blocking import waits_announced_to
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +53,13 @@ class Workers(Generic[R]):
     telling whether it runs on the reading thread (which will read the next request once it
     returns). `interrupt()` must make a `receive()` under way return None soon; it is called
     when an unexpected error ends the connection. `on_finished` is called once, by the last
-    thread to leave."""
+    thread to leave. `on_hand_over` is called on a thread whose inline request announced a
+    wait, after the reader role went to another thread (the request is no longer inline)."""
 
     def __init__(self, *, receive: Callable[[], R | None], execute: Callable[[R, bool], None],
                  interrupt: Callable[[], None], max_workers: int, name: str,
-                 on_finished: Callable[[], None]) -> None:
+                 on_finished: Callable[[], None],
+                 on_hand_over: Callable[[], None] | None = None) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, not {max_workers}")
         self._receive = receive
@@ -59,6 +68,7 @@ class Workers(Generic[R]):
         self._max_workers = max_workers
         self._name = name
         self._on_finished = on_finished
+        self._on_hand_over = on_hand_over
         self._lock = threading.Lock()
         self._followers = threading.Condition(self._lock)
         self._standby_cv = threading.Condition(self._lock)
@@ -132,7 +142,11 @@ class Workers(Generic[R]):
             if spawn:
                 self._spawn()
             try:
-                self._execute(request, mine != 0)
+                if mine:
+                    with waits_announced_to(lambda: self._hand_over(mine)):
+                        self._execute(request, True)
+                else:
+                    self._execute(request, False)
             except Exception:
                 log.exception("%s: a request failed unexpectedly; closing", self._name)
                 self.stop()
@@ -154,15 +168,32 @@ class Workers(Generic[R]):
             if self._dispatch_left:
                 self._dispatch_left -= 1
             self._role = _FREE
-            if self._idle:
-                self._followers.notify()
-            elif self._standby_present:
-                self._standby_parked = False
-                self._standby_cv.notify()
-            elif self._threads < self._max_workers:
-                self._threads += 1
-                return 0, True
-            return 0, False
+            return 0, self._wake_reader()
+
+    def _wake_reader(self) -> bool:
+        """The reader role is free: wake a thread to take it, or report that a new thread
+        should (it is then already counted). Under the lock."""
+        if self._idle:
+            self._followers.notify()
+        elif self._standby_present:
+            self._standby_parked = False
+            self._standby_cv.notify()
+        elif self._threads < self._max_workers:
+            self._threads += 1
+            return True
+        return False
+
+    def _hand_over(self, mine: int) -> None:
+        """Inline request `mine` is about to wait: another thread reads the next request."""
+        with self._lock:
+            if self._closing or self._role != _EXECUTING or self._seq != mine:
+                return
+            self._role = _FREE
+            spawn = self._wake_reader()
+        if spawn:
+            self._spawn()
+        if self._on_hand_over is not None:
+            self._on_hand_over()
 
     def _keep_role(self, mine: int) -> bool:
         """After executing: whether this thread reads the next request itself."""

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from blockera.blockdev import BlockDevice
+from blockera.blocking import about_to_wait
 from blockera.errors import BlockeraError, DeviceError, NoSpaceError
 from blockera.snapshot.origin_registry import OriginGroup, OriginSnapshot
 from blockera.snapshot.store import StoreWriteError
@@ -97,6 +98,7 @@ def write_origin(group: OriginGroup, origin: BlockDevice, sector: int,
                 origin.write(sector * SECTOR_BYTES, data)
                 return
     write = _OriginWrite(origin, sector, data)
+    about_to_wait()         # copy-outs and a COW commit: let the server read on
     with batches.cv:
         batches.waiting.append(write)
         while not write.done:
