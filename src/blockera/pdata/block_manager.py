@@ -2,7 +2,8 @@
 location and checksum stamped on the way out (the kernel's dm-block-manager / dm-bufio role).
 
 Reads are cached (validated contents, bounded LRU); blocks changed in the current transaction are
-held dirty until `flush`, which writes them in ascending order and then issues a device flush.
+held dirty until `flush`, which writes them in ascending order (adjacent blocks in one write)
+and then issues a device flush.
 
 See docs/persistent-data.md §1, §2.
 """
@@ -114,14 +115,27 @@ class BlockManager:
 
 
     def flush(self) -> None:
-        """Write every dirty block (ascending), then flush the device."""
+        """Write every dirty block (ascending; a run of adjacent blocks in one write: a
+        commit's new shadows usually are one run), then flush the device."""
+        run: list[tuple[int, bytes, Validator]] = []
         for location in sorted(self._dirty):
             buf, validator = self._dirty[location]
             validator.prepare(location, buf)
-            self.dev.write(location * BLOCK, buf)
-            self._remember(location, bytes(buf), validator)
+            if run and location != run[-1][0] + 1:
+                self._write_run(run)
+                run = []
+            run.append((location, bytes(buf), validator))
+        if run:
+            self._write_run(run)
         self._dirty.clear()
         self.dev.flush()
+
+    def _write_run(self, run: list[tuple[int, bytes, Validator]]) -> None:
+        """Write adjacent blocks at once; they are then the cache's clean copies."""
+        self.dev.write(run[0][0] * BLOCK,
+                       run[0][1] if len(run) == 1 else b"".join(data for _, data, _ in run))
+        for location, data, validator in run:
+            self._remember(location, data, validator)
 
     def write_now(self, location: int, validator: Validator, buf: bytearray) -> None:
         """Stamp and write one block immediately, then flush (the superblock at commit)."""
