@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from blockera.engine.userspace import Engine
 from blockera.errors import NoSpaceError, TableError, TargetError
 from blockera.era.check import check_era_metadata
 from blockera.era.image import EraImage
+from blockera.era.metadata import EraMetadata
 from blockera.era.superblock import Superblock
 from tests.write_log import WriteLogDevice
 from tests.conftest import sparse_file
@@ -279,6 +281,46 @@ def test_concurrent_first_writes_share_commits(tmp_path: Path) -> None:
         assert commits < nr_threads * per_thread
     finally:
         engine.shutdown()
+
+
+def test_a_pass_failing_on_a_bug_fails_every_write_it_took_and_hangs_none(
+        engine: Engine, disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    _era(engine, *disks)
+    dev = engine.device("era")
+    started = threading.Event()
+    release = threading.Event()
+
+    def broken(self, blocks):
+        started.set()
+        assert release.wait(30)       # the writes of the other threads queue meanwhile
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(EraMetadata, "writeset_set_many", broken)
+    errors: list[BaseException] = []
+
+    def write(block: int) -> None:
+        try:
+            dev.write(block * BLOCK, os.urandom(BLOCK))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(b,), daemon=True) for b in range(6)]
+    threads[0].start()
+    assert started.wait(10)
+    for th in threads[1:]:
+        th.start()
+    wait_for = time.monotonic() + 10
+    worker = engine.device("era").find_target(0).worker
+    while len(worker.marks) < 5 and \
+            time.monotonic() < wait_for:
+        time.sleep(0.01)
+    release.set()
+    for th in threads:
+        th.join(10)
+    assert not any(th.is_alive() for th in threads)
+    assert len(errors) == 6 and all("metadata pass failed" in str(e) for e in errors)
+    monkeypatch.undo()
+    _write(engine, 7)                 # the device goes on working
 
 
 def test_reload_sees_what_the_old_table_committed_after_the_load(engine: Engine, disks) -> None:

@@ -42,11 +42,14 @@ _UINT_RE = re.compile(r"^\s*\+?\d+$", re.ASCII)
 @dataclass(eq=False)
 class _Mark:
     """The blocks of one write waiting for their first mark in this era (the kernel's deferred
-    bio). `done` is set, under the worker's condition, by the pass that recorded them."""
+    bio). `done` is set, under the worker's lock, by the pass that recorded them; `wake` (a
+    condition on that lock) wakes only this write's thread: when its mark is done, or when it
+    is to run the next pass."""
 
     blocks: list[int]
     done: bool = False
     error: BlockeraError | None = None
+    wake: threading.Condition | None = None
 
 
 @dataclass
@@ -64,7 +67,9 @@ class _Worker:
     calls) runs on the worker thread; a pass for waiting writes runs on a waiting writer that
     finds no pass in progress and no digestion due (group commit: the pass carries every write
     queued when it starts; writes that arrive meanwhile wait for the next one). Either way a
-    pass is the kernel's do_work, and passes follow one another as they would on one thread."""
+    pass is the kernel's do_work, and passes follow one another as they would on one thread.
+    The end of a pass wakes the threads of the writes it recorded and, when more writes wait,
+    the thread of the oldest of them to run the next pass -- no other waiting writer."""
 
     def __init__(self, target: "EraTarget") -> None:
         self.target = target
@@ -73,6 +78,7 @@ class _Worker:
         # writer's pass does not wake it for nothing
         self.thread_cv = threading.Condition(self.cv._lock)  # type: ignore[attr-defined]
         self.marks: list[_Mark] = []
+        self.recorded: list[_Mark] = []     # the marks taken by the pass under way
         self.calls: list[_Call] = []
         self.suspended = False
         self.requeue = False
@@ -116,14 +122,33 @@ class _Worker:
         finally:
             with self.cv:
                 self.busy = False
-                self.cv.notify_all()
+                self.cv.notify_all()        # stop() and wait_idle()
+                recorded, self.recorded = self.recorded, []
+                for mark in recorded:
+                    self._wake(mark)
+                self._wake_next_pass()
                 if self.calls or self.requeue:
                     self.thread_cv.notify()
+
+    @staticmethod
+    def _wake(mark: _Mark) -> None:
+        if mark.wake is not None:
+            mark.wake.notify()
+
+    def _wake_next_pass(self) -> None:
+        """Under the lock, with no pass running: have the writes still waiting recorded."""
+        if not self.marks or self.suspended or self.exiting:
+            return
+        if self._digesting():
+            self.thread_cv.notify()
+        else:
+            self._wake(self.marks[0])
 
     def mark(self, mark: _Mark) -> None:
         """Queue `mark` and return once a pass has recorded it (or failed to: `mark.error`),
         running that pass on this thread when no other pass is in progress."""
         with self.cv:
+            mark.wake = threading.Condition(self.cv._lock)  # type: ignore[attr-defined]
             self.marks.append(mark)
             while not mark.done:
                 if self._digesting():
@@ -132,7 +157,7 @@ class _Worker:
                     self.busy = True
                     self.requeue = False
                     break
-                self.cv.wait()
+                mark.wake.wait()
             else:
                 return
         self._pass()            # `mark` was queued before this pass began: it is done now
@@ -158,6 +183,8 @@ class _Worker:
             self.suspended = False
             self.cv.notify_all()
             self.thread_cv.notify()
+            if not self.busy:
+                self._wake_next_pass()
 
     def stop(self) -> None:
         with self.cv:
@@ -207,6 +234,7 @@ class _Worker:
     def _process_marks(self, md: EraMetadata) -> None:
         with self.cv:
             batch, self.marks = self.marks, []
+            self.recorded = batch       # woken at the end of the pass, done or not
         if not batch:
             return
         ws = md.current_writeset
