@@ -7,16 +7,20 @@ dropped. `status()` is the INFO status text, `table_args()` the TABLE text, `mes
 `dmsetup message`. Targets do not register anywhere: whoever assembles an engine hands it
 the target types it runs (`TargetTypes`, by name).
 
+`submit_write` is a write with a completion: the base class writes at once and reports; a
+target that holds writes back (era, until their blocks' marks are committed) reports later,
+from its own thread, so a caller serving many requests need not block a thread per write.
+
 See docs/engine.md §1.
 """
 
 from __future__ import annotations
 
 from abc import ABC
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
-from blockera.errors import DeviceError, TableError, TargetError
+from blockera.errors import BlockeraError, DeviceError, TableError, TargetError
 
 if TYPE_CHECKING:
     from blockera.dm.devref import DeviceRef, Opener
@@ -53,6 +57,14 @@ class Target(ABC):
 
     def write(self, sector: int, data: bytes | memoryview) -> None:
         raise DeviceError(f"{self.name}: writes are not supported")
+
+    def submit_write(self, sector: int, data: bytes | bytearray | memoryview,
+                     done: Callable[[BlockeraError | None], None]) -> None:
+        """Write `data` and call `done` once, with None or the write's error, possibly later
+        and from another thread (`data` must stay unchanged until then). An error raised
+        here instead means the write was refused and `done` will not be called."""
+        self.write(sector, data)
+        done(None)
 
     def discard(self, sector: int, nr_sectors: int) -> None:
         raise DeviceError(f"{self.name}: discard is not supported", errno_name="EOPNOTSUPP")

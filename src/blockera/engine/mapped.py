@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from blockera.blockdev import BlockDevice
 from blockera.blocking import about_to_wait
 from blockera.dm.table import TableLine
 from blockera.dm.target import Target
-from blockera.errors import DeviceError, DeviceMapperError
+from blockera.errors import BlockeraError, DeviceError, DeviceMapperError
 from blockera.units import SECTOR_BYTES
 
 
@@ -121,6 +122,39 @@ class MappedDevice(BlockDevice):
                 t.write(s, view[off: off + n * SECTOR_BYTES])
         finally:
             self._leave()
+
+    def submit_write(self, offset_bytes: int, data: bytes | bytearray | memoryview,
+                     done: Callable[[BlockeraError | None], None]) -> None:
+        """`write` with a completion (see `Target.submit_write`): a write within one target
+        is handed to it and counts as in flight until `done` is called; one that spans
+        targets is written here. An error raised here means `done` will not be called."""
+        if self.read_only:
+            raise DeviceError(f"{self.name}: device is read-only", errno_name="EROFS")
+        table = self._enter()
+        try:
+            pieces = self._pieces(table, offset_bytes, len(data))
+            if len(pieces) > 1:
+                view = memoryview(data)
+                for t, s, n, off in pieces:
+                    t.write(s, view[off: off + n * SECTOR_BYTES])
+        except BaseException:
+            self._leave()
+            raise
+        if len(pieces) > 1:
+            self._leave()
+            done(None)
+            return
+
+        def finished(error: BlockeraError | None) -> None:
+            self._leave()
+            done(error)
+
+        target, sector, _, _ = pieces[0]
+        try:
+            target.submit_write(sector, data, finished)
+        except BaseException:
+            self._leave()
+            raise
 
     def discard(self, offset_bytes: int, length_bytes: int) -> None:
         table = self._enter()

@@ -50,6 +50,17 @@ class _Mark:
     done: bool = False
     error: BlockeraError | None = None
     wake: threading.Condition | None = None
+    deferred: "_DeferredWrite | None" = None
+
+
+@dataclass(eq=False)
+class _DeferredWrite:
+    """A submitted write held back until its mark is committed: the pass that recorded the
+    mark then writes it to the origin and reports (`Target.submit_write`)."""
+
+    sector: int
+    data: bytes | bytearray | memoryview
+    done: Callable[[BlockeraError | None], None]
 
 
 @dataclass
@@ -69,7 +80,9 @@ class _Worker:
     queued when it starts; writes that arrive meanwhile wait for the next one). Either way a
     pass is the kernel's do_work, and passes follow one another as they would on one thread.
     The end of a pass wakes the threads of the writes it recorded and, when more writes wait,
-    the thread of the oldest of them to run the next pass -- no other waiting writer."""
+    the thread of the oldest of them to run the next pass -- no other waiting writer.
+    Submitted writes (`defer`) have no thread waiting: the worker thread runs the passes while
+    any is queued, and the pass that records one writes it to the origin and reports."""
 
     def __init__(self, target: "EraTarget") -> None:
         self.target = target
@@ -79,6 +92,7 @@ class _Worker:
         self.thread_cv = threading.Condition(self.cv._lock)  # type: ignore[attr-defined]
         self.marks: list[_Mark] = []
         self.recorded: list[_Mark] = []     # the marks taken by the pass under way
+        self.deferred = 0                   # queued marks of submitted writes
         self.calls: list[_Call] = []
         self.suspended = False
         self.requeue = False
@@ -104,7 +118,8 @@ class _Worker:
                 # waiting writes run their own passes unless digestion is under way; the
                 # thread takes calls, digestion and the writes that arrive meanwhile
                 while not self.exiting and (self.suspended or self.busy or not (
-                        self.calls or self.requeue or (self.marks and self._digesting()))):
+                        self.calls or self.requeue or self.deferred or
+                        (self.marks and self._digesting()))):
                     self.thread_cv.wait()
                 if self.exiting:
                     return
@@ -113,7 +128,9 @@ class _Worker:
             self._pass()
 
     def _pass(self) -> None:
-        """One pass; the caller has set `busy`."""
+        """One pass; the caller has set `busy`. Then the submitted writes it recorded go to
+        the origin (outside the pass: the next one may start meanwhile)."""
+        recorded: list[_Mark] = []
         try:
             with self.target.md_lock:
                 self._do_work()
@@ -129,6 +146,23 @@ class _Worker:
                 self._wake_next_pass()
                 if self.calls or self.requeue:
                     self.thread_cv.notify()
+            for mark in recorded:
+                if mark.deferred is not None:
+                    self._complete(mark, mark.deferred)
+
+    def _complete(self, mark: _Mark, write: _DeferredWrite) -> None:
+        error = mark.error
+        if error is None and not mark.done:
+            error = DeviceError("era: the metadata pass failed")
+        if error is None:
+            try:
+                self.target.origin.dev.write(write.sector * SECTOR_BYTES, write.data)
+            except BlockeraError as exc:
+                error = exc
+        try:
+            write.done(error)
+        except Exception:
+            log.exception("era: reporting a completed write failed")
 
     @staticmethod
     def _wake(mark: _Mark) -> None:
@@ -139,10 +173,19 @@ class _Worker:
         """Under the lock, with no pass running: have the writes still waiting recorded."""
         if not self.marks or self.suspended or self.exiting:
             return
-        if self._digesting():
+        if self.deferred or self._digesting():
             self.thread_cv.notify()
         else:
             self._wake(self.marks[0])
+
+    def defer(self, mark: _Mark) -> None:
+        """Queue the mark of a submitted write (`mark.deferred`); a pass of the worker thread
+        records it, then writes and reports."""
+        with self.cv:
+            self.marks.append(mark)
+            self.deferred += 1
+            if not self.busy:
+                self.thread_cv.notify()
 
     def mark(self, mark: _Mark) -> None:
         """Queue `mark` and return once a pass has recorded it (or failed to: `mark.error`),
@@ -235,6 +278,7 @@ class _Worker:
         with self.cv:
             batch, self.marks = self.marks, []
             self.recorded = batch       # woken at the end of the pass, done or not
+            self.deferred = 0
         if not batch:
             return
         ws = md.current_writeset
@@ -342,6 +386,19 @@ class EraTarget(Target):
     def write(self, sector: int, data: bytes | memoryview) -> None:
         self._mark(self._blocks(sector, len(data) // SECTOR_BYTES))
         self.origin.dev.write(sector * SECTOR_BYTES, data)
+
+    def submit_write(self, sector: int, data: bytes | bytearray | memoryview,
+                     done: Callable[[BlockeraError | None], None]) -> None:
+        """A write to marked blocks goes to the origin at once; any other is held back (the
+        kernel's deferred bio) until a pass of the worker has committed its mark."""
+        writeset = self.md.current_writeset
+        unmarked = [b for b in self._blocks(sector, len(data) // SECTOR_BYTES)
+                    if not writeset.marked(b)]
+        if not unmarked:
+            self.origin.dev.write(sector * SECTOR_BYTES, data)
+            done(None)
+            return
+        self.worker.defer(_Mark(unmarked, deferred=_DeferredWrite(sector, data, done)))
 
     def discard(self, sector: int, nr_sectors: int) -> None:
         self._mark(self._blocks(sector, nr_sectors))

@@ -94,6 +94,9 @@ class Transmission:
         self._max_payload = limits.max_payload_bytes
         self._peer = peer
         self._on_finished = on_finished
+        self._submit = getattr(self._device, "submit_write", None)
+        self._submitted = 0                 # writes handed to the device, not yet answered
+        self._submitted_cv = threading.Condition()
         self._send_lock = threading.Lock()
         self._send_failed = False
         self._corked: list[bytes | bytearray | memoryview] = []
@@ -126,6 +129,9 @@ class Transmission:
             pass
 
     def _finished(self) -> None:
+        with self._submitted_cv:
+            while self._submitted:
+                self._submitted_cv.wait()
         try:
             self._reader.before_wait = None
             self._flush_replies()
@@ -183,7 +189,9 @@ class Transmission:
                 return _Request(flags, command, cookie, offset, length, None, (
                     p.EINVAL, f"write of {length} bytes exceeds the maximum payload of "
                     f"{self._max_payload} bytes"))
-            payload = self._payload_buffer(length)
+            # a submitted write keeps its payload until the device reports: a buffer of its own
+            payload = memoryview(bytearray(length)) if self._submit is not None and \
+                not flags & p.CMD_FLAG_FUA else self._payload_buffer(length)
             self._reader.read_into(payload)
             return _Request(flags, command, cookie, offset, length, payload, None)
         if command == p.CMD_DISC:
@@ -244,6 +252,9 @@ class Transmission:
                 self._read(r)
                 return
             if command == p.CMD_WRITE:
+                if self._submit is not None and not r.flags & p.CMD_FLAG_FUA:
+                    self._submit_write(r)
+                    return
                 device.write(r.offset, r.payload)
             elif command == p.CMD_FLUSH:
                 device.flush()
@@ -265,6 +276,33 @@ class Transmission:
             self._device_failed(r, exc)
             return
         self._reply_ok(r.cookie)
+
+    def _submit_write(self, r: _Request) -> None:
+        """Hand the write to the device; it is answered when the device reports (an era
+        device holds a first write back until its mark is committed, without a thread of
+        this connection waiting for it)."""
+        assert self._submit is not None and r.payload is not None
+        self._count_submitted(1)
+        try:
+            self._submit(r.offset, r.payload, lambda error: self._written(r, error))
+        except Exception:
+            self._count_submitted(-1)
+            raise
+
+    def _written(self, r: _Request, error: BlockeraError | None) -> None:
+        try:
+            if error is not None:
+                self._device_failed(r, error)
+            else:
+                self._reply_ok(r.cookie)
+        finally:
+            self._count_submitted(-1)
+
+    def _count_submitted(self, delta: int) -> None:
+        with self._submitted_cv:
+            self._submitted += delta
+            if not self._submitted:
+                self._submitted_cv.notify_all()
 
     def _trim(self, r: _Request) -> bool:
         """Discard; False when the device does not support it (TRIM is only a hint)."""
