@@ -1,5 +1,6 @@
 """Power cut at every write: the era target's ordering (metadata committed before the data write
-is issued) keeps every acknowledged write tracked, and the metadata valid, at every cut.
+is issued) keeps every acknowledged write tracked, and the metadata valid, at every cut -- for
+writes made in the caller's thread and for writes submitted together and reported later.
 
 The metadata and origin devices are wrapped in one `WriteLogDevice` log, so their writes and
 flushes are recorded in the order they completed; the test appends an acknowledgement marker
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import random
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,13 +73,14 @@ def _workload(seed: int, tmp_path: Path) -> list[tuple[str, object]]:
         hot = rng.sample(range(ORIGIN_BLOCKS), 64)
         for step in range(rng.randint(180, 220)):
             op = rng.random()
-            if op < 0.7:
-                first = rng.choice(hot) if rng.random() < 0.4 else rng.randrange(ORIGIN_BLOCKS)
-                count = min(rng.choice([1, 1, 1, 2, 5]), ORIGIN_BLOCKS - first)
+            if op < 0.6:
+                first, count = _extent(rng, hot)
                 era = era_target.md.current_era
                 engine.device("era").write(first * BLOCK_SECTORS * 512,
                                            bytes([step & 0xFF]) * (count * BLOCK_SECTORS * 512))
                 log.append(("ack", Ack(tuple(range(first, first + count)), era)))
+            elif op < 0.7:
+                _submit_burst(engine, log, rng, hot, era_target.md.current_era, step)
             elif op < 0.8:
                 engine.message("era", 0, ["checkpoint"])
             elif op < 0.86:
@@ -96,6 +99,35 @@ def _workload(seed: int, tmp_path: Path) -> list[tuple[str, object]]:
     finally:
         engine.shutdown()
     return log
+
+
+def _extent(rng: random.Random, hot: list[int]) -> tuple[int, int]:
+    first = rng.choice(hot) if rng.random() < 0.4 else rng.randrange(ORIGIN_BLOCKS)
+    return first, min(rng.choice([1, 1, 1, 2, 5]), ORIGIN_BLOCKS - first)
+
+
+def _submit_burst(engine: Engine, log: list[tuple[str, object]], rng: random.Random,
+                  hot: list[int], era: int, step: int) -> None:
+    """Writes submitted together (as the NBD export does): each is acknowledged when the
+    device reports it, from the era worker's thread."""
+    extents = [_extent(rng, hot) for _ in range(rng.randint(2, 6))]
+    reported = threading.Semaphore(0)
+    errors: list[BaseException] = []
+
+    def done(extent: tuple[int, int], error: BaseException | None) -> None:
+        if error is None:
+            log.append(("ack", Ack(tuple(range(extent[0], extent[0] + extent[1])), era)))
+        else:
+            errors.append(error)
+        reported.release()
+
+    for first, count in extents:
+        engine.device("era").submit_write(
+            first * BLOCK_SECTORS * 512, bytes([step & 0xFF]) * (count * BLOCK_SECTORS * 512),
+            lambda error, extent=(first, count): done(extent, error))
+    for _ in extents:
+        assert reported.acquire(timeout=30)
+    assert not errors
 
 
 def _bring_up(image: bytes) -> EraImage | None:

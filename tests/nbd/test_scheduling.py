@@ -9,16 +9,19 @@ import queue
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
 from blockera.blockdev import MemoryDevice
 from blockera.blocking import about_to_wait
+from blockera.errors import DeviceError
+from blockera.nbd.protocol import ENOSPC
 from blockera.nbd import workers as workers_module
 from blockera.nbd.workers import Workers
 
 from .conftest import GatedDevice, wait_until
-from .rawclient import CMD_READ, REQUEST_MAGIC, RawClient
+from .rawclient import CMD_DISC, CMD_READ, CMD_WRITE, REQUEST_MAGIC, RawClient
 
 MiB = 1 << 20
 
@@ -205,4 +208,75 @@ def test_pipelined_requests_all_get_their_replies(start_server) -> None:
                 replies[cookie] = data
             assert replies == {i: struct.pack(">Q", i % 1024) for i in cookies}
     finally:
+        c.close()
+
+
+class HoldingDevice(MemoryDevice):
+    """A device that reports submitted writes only when the test says so (as an era device
+    reports a first write once its mark is committed)."""
+
+    def __init__(self, size_bytes: int) -> None:
+        super().__init__(size_bytes)
+        self.held: dict[int, tuple[bytes, Callable]] = {}
+        self.lock = threading.Lock()
+
+    def submit_write(self, offset_bytes: int, data, done) -> None:
+        with self.lock:
+            self.held[offset_bytes] = (bytes(data), done)
+
+    def report(self, offset_bytes: int, error: BaseException | None = None) -> None:
+        with self.lock:
+            data, done = self.held.pop(offset_bytes)
+        if error is None:
+            self.write(offset_bytes, data)
+        done(error)
+
+    def report_all(self) -> None:
+        for offset in list(self.held):
+            self.report(offset, DeviceError("test over"))
+
+
+def test_a_submitted_write_is_answered_when_the_device_reports_it(start_server) -> None:
+    device = HoldingDevice(MiB)
+    server = start_server({"disk": device})
+    c = RawClient(server.unix_path)
+    try:
+        c.connect_export("disk")
+        c.request(CMD_WRITE, 1, 0, 4096, payload=b"\x01" * 4096)
+        c.request(CMD_WRITE, 2, 4096, 4096, payload=b"\x02" * 4096)
+        c.request(CMD_READ, 3, 8192, 4)       # not held up by the writes in the device
+        assert c.simple_reply(4) == (0, 3, bytes(4))
+        wait_until(lambda: len(device.held) == 2)
+        c.sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            c.recv_exact(1)                   # no write is answered before its report
+        c.sock.settimeout(10)
+        device.report(0)
+        assert c.simple_reply() == (0, 1, b"")
+        device.report(4096, DeviceError("the metadata device is full", errno_name="ENOSPC"))
+        assert c.simple_reply() == (ENOSPC, 2, b"")
+        assert bytes(device.data[:4096]) == b"\x01" * 4096
+        assert bytes(device.data[4096:8192]) == bytes(4096)
+    finally:
+        device.report_all()
+        c.close()
+
+
+def test_a_connection_ends_only_after_its_submitted_writes_are_reported(start_server) -> None:
+    device = HoldingDevice(MiB)
+    server = start_server({"disk": device})
+    c = RawClient(server.unix_path)
+    try:
+        c.connect_export("disk")
+        c.request(CMD_WRITE, 1, 0, 4096, payload=b"\x03" * 4096)
+        c.request(CMD_DISC, 2)
+        wait_until(lambda: len(device.held) == 1)
+        c.sock.settimeout(0.2)
+        assert not c.is_closed()              # the write is still in the device
+        c.sock.settimeout(10)
+        device.report(0)
+        assert c.simple_reply() == (0, 1, b"")
+        wait_until(c.is_closed)
+    finally:
+        device.report_all()
         c.close()
