@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from blockera.blocking import about_to_wait
+from blockera.blocking import about_to_wait, reports_together
 from blockera.dm.devref import Opener
 from blockera.dm.target import Target
 from blockera.era.metadata import DigestProgress, EraMetadata, Stats
@@ -146,9 +146,10 @@ class _Worker:
                 self._wake_next_pass()
                 if self.calls or self.requeue:
                     self.thread_cv.notify()
-            for mark in recorded:
-                if mark.deferred is not None:
-                    self._complete(mark, mark.deferred)
+            with reports_together():
+                for mark in recorded:
+                    if mark.deferred is not None:
+                        self._complete(mark, mark.deferred)
 
     def _complete(self, mark: _Mark, write: _DeferredWrite) -> None:
         error = mark.error

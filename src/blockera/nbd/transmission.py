@@ -40,6 +40,7 @@ import struct
 import threading
 from collections.abc import Callable
 
+from blockera.blocking import at_end_of_reports
 from blockera.errors import BlockeraError, DeviceError
 from blockera.nbd import protocol as p
 from blockera.nbd.errors import ClientDisconnected, ClientProtocolError, is_unsupported, \
@@ -293,6 +294,8 @@ class Transmission:
         try:
             if error is not None:
                 self._device_failed(r, error)
+            elif at_end_of_reports(self._flush_replies):   # the batch's replies go together
+                self._send([p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, r.cookie)], hold=True)
             else:
                 self._reply_ok(r.cookie)
         finally:
@@ -364,10 +367,12 @@ class Transmission:
         else:
             self._send([p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, code, cookie)])
 
-    def _send(self, buffers: list[bytes | bytearray | memoryview]) -> None:
+    def _send(self, buffers: list[bytes | bytearray | memoryview], *,
+              hold: bool = False) -> None:
         """Send one reply, or hold it back while the reading thread has more requests to
-        execute right away (see the module docstring)."""
-        cork = getattr(self._local, "inline", False) and \
+        execute right away, or when `hold` says more replies follow at once (see the module
+        docstring)."""
+        cork = hold or getattr(self._local, "inline", False) and \
             self._reader.buffered_bytes >= p.REQUEST.size
         with self._send_lock:
             if self._send_failed:
