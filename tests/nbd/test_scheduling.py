@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from blockera.blockdev import MemoryDevice
-from blockera.blocking import about_to_wait
+from blockera.blocking import about_to_wait, reports_together
 from blockera.errors import DeviceError
 from blockera.nbd.protocol import ENOSPC
 from blockera.nbd import workers as workers_module
@@ -277,6 +277,30 @@ def test_a_connection_ends_only_after_its_submitted_writes_are_reported(start_se
         device.report(0)
         assert c.simple_reply() == (0, 1, b"")
         wait_until(c.is_closed)
+    finally:
+        device.report_all()
+        c.close()
+
+
+def test_replies_to_writes_reported_together_go_out_together_at_the_end(start_server) -> None:
+    device = HoldingDevice(MiB)
+    server = start_server({"disk": device})
+    c = RawClient(server.unix_path)
+    try:
+        c.connect_export("disk")
+        for cookie in range(3):
+            c.request(CMD_WRITE, cookie, cookie * 4096, 4096, payload=bytes([cookie]) * 4096)
+        wait_until(lambda: len(device.held) == 3)
+        with reports_together():
+            device.report(0)
+            device.report(4096)
+            c.sock.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                c.recv_exact(1)               # held back until the batch ends
+            c.sock.settimeout(10)
+        assert sorted([c.simple_reply(), c.simple_reply()]) == [(0, 0, b""), (0, 1, b"")]
+        device.report(8192)                   # outside a batch: answered at once
+        assert c.simple_reply() == (0, 2, b"")
     finally:
         device.report_all()
         c.close()
