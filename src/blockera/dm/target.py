@@ -61,8 +61,9 @@ class Target(ABC):
     def submit_write(self, sector: int, data: bytes | bytearray | memoryview,
                      done: Callable[[BlockeraError | None], None]) -> None:
         """Write `data` and call `done` once, with None or the write's error, possibly later
-        and from another thread (`data` must stay unchanged until then). An error raised
-        here instead means the write was refused and `done` will not be called."""
+        and from another thread. The caller may reuse `data` once this returns (a target that
+        holds the write back keeps a copy). An error raised here instead means the write was
+        refused and `done` will not be called."""
         self.write(sector, data)
         done(None)
 

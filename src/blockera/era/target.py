@@ -59,7 +59,7 @@ class _DeferredWrite:
     mark then writes it to the origin and reports (`Target.submit_write`)."""
 
     sector: int
-    data: bytes | bytearray | memoryview
+    data: bytes
     done: Callable[[BlockeraError | None], None]
 
 
@@ -399,7 +399,7 @@ class EraTarget(Target):
             self.origin.dev.write(sector * SECTOR_BYTES, data)
             done(None)
             return
-        self.worker.defer(_Mark(unmarked, deferred=_DeferredWrite(sector, data, done)))
+        self.worker.defer(_Mark(unmarked, deferred=_DeferredWrite(sector, bytes(data), done)))
 
     def discard(self, sector: int, nr_sectors: int) -> None:
         self._mark(self._blocks(sector, nr_sectors))

@@ -190,9 +190,7 @@ class Transmission:
                 return _Request(flags, command, cookie, offset, length, None, (
                     p.EINVAL, f"write of {length} bytes exceeds the maximum payload of "
                     f"{self._max_payload} bytes"))
-            # a submitted write keeps its payload until the device reports: a buffer of its own
-            payload = memoryview(bytearray(length)) if self._submit is not None and \
-                not flags & p.CMD_FLAG_FUA else self._payload_buffer(length)
+            payload = self._payload_buffer(length)
             self._reader.read_into(payload)
             return _Request(flags, command, cookie, offset, length, payload, None)
         if command == p.CMD_DISC:
