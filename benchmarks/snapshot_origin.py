@@ -11,7 +11,8 @@ a 4 KiB chunk) and with two (chunk sizes 8 and 32) on COW files:
 * 4 KiB random first writes from 1, 4, 16 and 64 writer threads (queue depth), one snapshot:
   concurrent copy-outs share a batch (one data flush, one exception commit).
 
-The COWs are fresh for every pass. Ratios are snapshot-origin / bare throughput; the goal for
+The COWs are fresh for every pass, and written out in full first (as an LV is), as are the
+floor's, so that no flush pays for allocating file blocks. Ratios are snapshot-origin / bare throughput; the goal for
 first writes is >= 0.3. A first write must make the copy durable (flush) and its record durable
 (flush) before the origin write may go ahead, so a second baseline is given: the bare origin
 with a flush after every write ("durable").
@@ -40,6 +41,7 @@ from common import report  # noqa: E402
 from blockera.engine.userspace import Engine  # noqa: E402
 
 MiB = 1 << 20
+ZEROS = bytes(MiB)
 QUEUE_DEPTHS = (1, 4, 16, 64)
 
 
@@ -58,7 +60,7 @@ def _stack(engine: Engine, work: Path, origin: Path, sectors: int, snapshots: li
     engine.create("base", f"0 {sectors} snapshot-origin /dev/mapper/real")
     engine.suspend("base")
     for i, cs in enumerate(snapshots):
-        cow = _file(work / f"cow{i}.img", cow_bytes)
+        cow = _file(work / f"cow{i}.img", cow_bytes, ZEROS)
         engine.create(f"snap{i}", f"0 {sectors} snapshot /dev/mapper/real {cow} P {cs}")
     engine.resume("base")
 
@@ -124,7 +126,7 @@ def bench(work: Path, region_mib: int, ops: int, rounds: int) -> list[dict]:
         results: dict[str, list[tuple[float, float]]] = {"first": [], "again": [], "random": []}
         durable: dict[str, list[float]] = {"first": [], "again": [], "random": []}
         floors: dict[str, list[float]] = {"first": [], "random": []}
-        cows = [_file(work / f"floor-cow{i}.img", origin_bytes + 4 * MiB)
+        cows = [_file(work / f"floor-cow{i}.img", origin_bytes + 4 * MiB, ZEROS)
                 for i in range(len(snapshots))]
         for _ in range(rounds):
             offsets = [rng.randrange(origin_bytes // 4096) * 4096 for _ in range(ops)]
@@ -208,7 +210,7 @@ def _queue_depths(work: Path, origin: Path, origin_bytes: int, ops: int, page: b
     against the floor at that queue depth."""
     rows = []
     sectors = origin_bytes // 512
-    floor_cow = _file(work / "floor-cow-qd.img", origin_bytes + 4 * MiB)
+    floor_cow = _file(work / "floor-cow-qd.img", origin_bytes + 4 * MiB, ZEROS)
     for depth in QUEUE_DEPTHS:
         n = ops * (1 if depth == 1 else 2)
         chunks = rng.sample(range(origin_bytes // 4096), n)
