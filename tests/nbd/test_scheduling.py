@@ -217,23 +217,37 @@ class HoldingDevice(MemoryDevice):
 
     def __init__(self, size_bytes: int) -> None:
         super().__init__(size_bytes)
-        self.held: dict[int, tuple[bytes, Callable]] = {}
+        self.held: dict[int, tuple[int, bytes, Callable]] = {}   # by arrival
+        self.arrivals = 0
         self.lock = threading.Lock()
 
     def submit_write(self, offset_bytes: int, data, done) -> None:
         with self.lock:
-            self.held[offset_bytes] = (bytes(data), done)
+            self.held[self.arrivals] = (offset_bytes, bytes(data), done)
+            self.arrivals += 1
 
     def report(self, offset_bytes: int, error: BaseException | None = None) -> None:
+        """Report the earliest held write to `offset_bytes`."""
         with self.lock:
-            data, done = self.held.pop(offset_bytes)
+            token = next(t for t, held in self.held.items() if held[0] == offset_bytes)
+            self._report(token, error)
+
+    def _report(self, token: int, error: BaseException | None) -> None:
+        offset, data, done = self.held.pop(token)
         if error is None:
-            self.write(offset_bytes, data)
+            self.write(offset, data)
         done(error)
 
+    def report_held(self, error: BaseException | None = None) -> int:
+        """Report every write held now; how many."""
+        with self.lock:
+            tokens = list(self.held)
+            for token in tokens:
+                self._report(token, error)
+        return len(tokens)
+
     def report_all(self) -> None:
-        for offset in list(self.held):
-            self.report(offset, DeviceError("test over"))
+        self.report_held(DeviceError("test over"))
 
 
 def test_a_submitted_write_is_answered_when_the_device_reports_it(start_server) -> None:
@@ -301,6 +315,38 @@ def test_replies_to_writes_reported_together_go_out_together_at_the_end(start_se
         assert sorted([c.simple_reply(), c.simple_reply()]) == [(0, 0, b""), (0, 1, b"")]
         device.report(8192)                   # outside a batch: answered at once
         assert c.simple_reply() == (0, 2, b"")
+    finally:
+        device.report_all()
+        c.close()
+
+
+def test_a_client_not_reading_its_replies_does_not_hold_up_the_device(start_server) -> None:
+    """The device reports writes from its own thread (an era pass); replies the client does
+    not take wait in a backlog instead of blocking that thread."""
+    device = HoldingDevice(MiB)
+    server = start_server({"disk": device})
+    c = RawClient(server.unix_path)
+    n = 100000
+    reported = []
+
+    def reporter() -> None:
+        deadline = time.monotonic() + 60
+        while len(reported) < n and time.monotonic() < deadline:
+            with reports_together():
+                reported.extend([1] * device.report_held())
+            time.sleep(0.001)
+
+    try:
+        c.connect_export("disk")
+        thread = threading.Thread(target=reporter, daemon=True)
+        thread.start()
+        c.sock.sendall(b"".join(        # empty writes: 1.6 MB of replies, none read meanwhile
+            struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, i, (i % 2048) * 512, 0)
+            for i in range(n)))
+        thread.join(60)
+        assert not thread.is_alive() and len(reported) == n
+        cookies = {c.simple_reply()[1] for _ in range(n)}
+        assert cookies == set(range(n))
     finally:
         device.report_all()
         c.close()

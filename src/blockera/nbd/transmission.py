@@ -14,7 +14,12 @@ client has several requests in flight and replies go out as they complete, match
 replies of requests executed on the reading thread while more requests are already buffered
 are held back and sent together (one `sendmsg` for up to `_CORK_BUFFERS` buffers or
 `_CORK_BYTES`), at the latest when the reader would wait for the client, when a request is
-handed to another thread, or when the connection ends. No lock is held across a device call,
+handed to another thread, or when the connection ends. A send never waits for the client:
+what the socket does not take at once goes to a backlog that a thread of its own sends (so a
+device reporting writes from its own thread, an era pass, is never held up by a client that
+does not read its replies); while more than `_BACKLOG_BYTES` wait there, no request is read.
+Writes submitted to a device and not yet reported are bounded (`_SUBMITTED_WRITES`,
+`_SUBMITTED_BYTES`): beyond that, the reading waits. No lock is held across a device call,
 so a device that blocks (a suspended device-mapper device, an era device committing its
 metadata) only holds up the requests sent to it.
 
@@ -47,7 +52,7 @@ from blockera.nbd.errors import ClientDisconnected, ClientProtocolError, is_unsu
     message_bytes, nbd_error_for
 from blockera.nbd.handshake import Negotiated
 from blockera.nbd.limits import BlockLimits
-from blockera.nbd.wire import SocketReader, send_buffers
+from blockera.nbd.wire import SocketReader, send_buffers, send_without_waiting
 from blockera.nbd.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,9 @@ log = logging.getLogger(__name__)
 _KEEP_BUFFER_BYTES = 4 << 20
 _CORK_BUFFERS = 128
 _CORK_BYTES = 256 << 10
+_BACKLOG_BYTES = 4 << 20        # replies waiting for the client before reading stops
+_SUBMITTED_WRITES = 256         # submitted writes in a device, at most (and their bytes:)
+_SUBMITTED_BYTES = 64 << 20
 _DATA_CHUNK = struct.Struct(">IHHQIQ")  # structured reply header + OFFSET_DATA offset
 _OK = object()  # marks a request whose validation passed
 
@@ -97,9 +105,14 @@ class Transmission:
         self._on_finished = on_finished
         self._submit = getattr(self._device, "submit_write", None)
         self._submitted = 0                 # writes handed to the device, not yet answered
+        self._submitted_bytes = 0
         self._submitted_cv = threading.Condition()
         self._send_lock = threading.Lock()
+        self._send_cv = threading.Condition(self._send_lock)
         self._send_failed = False
+        self._backlog: list[bytes | bytearray | memoryview] = []   # replies not yet taken
+        self._backlog_bytes = 0
+        self._draining = False
         self._corked: list[bytes | bytearray | memoryview] = []
         self._corked_bytes = 0
         self._local = threading.local()
@@ -136,6 +149,7 @@ class Transmission:
         try:
             self._reader.before_wait = None
             self._flush_replies()
+            self._wait_for_backlog(0)
             self._sock.close()
         finally:
             self._on_finished()
@@ -149,6 +163,7 @@ class Transmission:
     def _next_request(self) -> _Request | None:
         """The next request, or None when the connection is over (disconnect, NBD_CMD_DISC,
         protocol violation)."""
+        self._wait_for_backlog(_BACKLOG_BYTES)    # a client not reading its replies
         try:
             request = self._receive()
         except ClientDisconnected as exc:
@@ -281,11 +296,16 @@ class Transmission:
         device holds a first write back until its mark is committed, without a thread of
         this connection waiting for it)."""
         assert self._submit is not None and r.payload is not None
-        self._count_submitted(1)
+        with self._submitted_cv:
+            while self._submitted and (
+                    self._submitted >= _SUBMITTED_WRITES or
+                    self._submitted_bytes + r.length > _SUBMITTED_BYTES):
+                self._submitted_cv.wait()
+        self._count_submitted(1, r.length)
         try:
             self._submit(r.offset, r.payload, lambda error: self._written(r, error))
         except Exception:
-            self._count_submitted(-1)
+            self._count_submitted(-1, -r.length)
             raise
 
     def _written(self, r: _Request, error: BlockeraError | None) -> None:
@@ -297,12 +317,13 @@ class Transmission:
             else:
                 self._reply_ok(r.cookie)
         finally:
-            self._count_submitted(-1)
+            self._count_submitted(-1, -r.length)
 
-    def _count_submitted(self, delta: int) -> None:
+    def _count_submitted(self, delta: int, delta_bytes: int) -> None:
         with self._submitted_cv:
             self._submitted += delta
-            if not self._submitted:
+            self._submitted_bytes += delta_bytes
+            if delta < 0:
                 self._submitted_cv.notify_all()
 
     def _trim(self, r: _Request) -> bool:
@@ -396,11 +417,64 @@ class Transmission:
             self._send_now(buffers)
 
     def _send_now(self, buffers: list[bytes | bytearray | memoryview]) -> None:
-        """Under the send lock."""
+        """Under the send lock. Never waits for the client: what the socket does not take at
+        once goes to the backlog, which a thread of its own sends."""
+        if self._draining:
+            self._add_to_backlog(buffers)
+            return
         try:
-            send_buffers(self._sock, buffers)
+            left = send_without_waiting(self._sock, buffers)
         except OSError as exc:
-            self._send_failed = True
-            self._corked, self._corked_bytes = [], 0
-            log.info("%s: cannot send a reply, closing: %s", self._peer, exc)
-            self._abort()
+            self._send_failed_with(exc)
+            return
+        if not left:
+            return
+        self._add_to_backlog(left)
+        self._draining = True
+        try:
+            threading.Thread(target=self._drain, name=f"nbd {self._peer} replies",
+                             daemon=True).start()
+        except RuntimeError:        # no thread to be had: send here, waiting
+            self._draining = False
+            backlog, self._backlog, self._backlog_bytes = self._backlog, [], 0
+            try:
+                send_buffers(self._sock, backlog)
+            except OSError as exc:
+                self._send_failed_with(exc)
+
+    def _add_to_backlog(self, buffers: list[bytes | bytearray | memoryview]) -> None:
+        self._backlog.extend(buffers)
+        for b in buffers:
+            self._backlog_bytes += len(b)
+
+    def _drain(self) -> None:
+        """Send the backlog, waiting for the client as long as it takes, until it is empty."""
+        while True:
+            with self._send_lock:
+                if self._send_failed or not self._backlog:
+                    self._draining = False
+                    self._backlog, self._backlog_bytes = [], 0
+                    self._send_cv.notify_all()
+                    return
+                buffers, self._backlog, self._backlog_bytes = self._backlog, [], 0
+                self._send_cv.notify_all()
+            try:
+                send_buffers(self._sock, buffers)
+            except OSError as exc:
+                with self._send_lock:
+                    self._send_failed_with(exc)
+
+    def _send_failed_with(self, exc: OSError) -> None:
+        """Under the send lock."""
+        self._send_failed = True
+        self._corked, self._corked_bytes = [], 0
+        self._send_cv.notify_all()
+        log.info("%s: cannot send a reply, closing: %s", self._peer, exc)
+        self._abort()
+
+    def _wait_for_backlog(self, limit_bytes: int) -> None:
+        """Wait while more than `limit_bytes` of replies wait for the client."""
+        with self._send_lock:
+            while self._draining and self._backlog_bytes > limit_bytes and \
+                    not self._send_failed:
+                self._send_cv.wait()

@@ -21,6 +21,7 @@ from blockera.nbd.errors import ClientDisconnected
 _BUFFER_BYTES = 256 << 10
 _DIRECT_THRESHOLD_BYTES = 64 << 10
 _SKIP_CHUNK_BYTES = 1 << 20
+_IOV_BUFFERS = 64           # buffers per sendmsg (well below any IOV_MAX)
 
 
 class SocketReader:
@@ -121,12 +122,31 @@ class SocketReader:
             self._fill(min(n_bytes, len(self._buf)))
 
 
+def send_without_waiting(sock: socket.socket, buffers: Sequence[bytes | bytearray | memoryview]
+                         ) -> list[memoryview]:
+    """Send what the socket takes at once, without waiting for room; what is left, in order
+    (empty when everything went)."""
+    try:
+        sent = sock.sendmsg(buffers[:_IOV_BUFFERS], (), socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    left = []
+    for b in buffers:
+        view = memoryview(b).cast("B")
+        if sent >= len(view):
+            sent -= len(view)
+            continue
+        left.append(view[sent:])
+        sent = 0
+    return left
+
+
 def send_buffers(sock: socket.socket, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
     """Send every byte of `buffers`, in order, with as few system calls as the socket allows."""
     total = 0
     for b in buffers:
         total += len(b)
-    sent = sock.sendmsg(buffers)
+    sent = sock.sendmsg(buffers[:_IOV_BUFFERS])
     if sent == total:
         return
     views = [memoryview(b).cast("B") for b in buffers]
@@ -137,4 +157,4 @@ def send_buffers(sock: socket.socket, buffers: Sequence[bytes | bytearray | memo
         if not views:
             return
         views[0] = views[0][sent:]
-        sent = sock.sendmsg(views[:64])
+        sent = sock.sendmsg(views[:_IOV_BUFFERS])
