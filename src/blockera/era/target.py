@@ -130,7 +130,6 @@ class _Worker:
     def _pass(self) -> None:
         """One pass; the caller has set `busy`. Then the submitted writes it recorded go to
         the origin (outside the pass: the next one may start meanwhile)."""
-        recorded: list[_Mark] = []
         try:
             with self.target.md_lock:
                 self._do_work()
