@@ -11,6 +11,7 @@ Steps (tuples):
                                   use (where block usage differs on purpose, e.g. after a live
                                   reload, which the kernel continues on a stale view)
   ("write", dev, block_bytes, [blocks], seed)   one I/O per block: block_bytes at block * bytes
+                                  (background work settles after the first)
   ("write_at", dev, offset_bytes, length_bytes, seed)   one I/O
   ("sha", dev)                    recorded: sha256 of the whole device
   ("invalidate", disk, since, snapshot)   recorded: blockera's reading of the metadata disk
@@ -172,8 +173,13 @@ class Runner:
         elif op == "write":
             block_bytes, blocks, seed = args
             with e.device(dev) as device:
-                for block in blocks:
+                for n, block in enumerate(blocks):
                     device.write(block * block_bytes, _data(seed * 100003 + block, block_bytes))
+                    if n == 0 and len(blocks) > 1:
+                        # the first write may have started digestion (the era worker's first
+                        # pass since a checkpoint): where the next write's commit fell among
+                        # its steps would decide which blocks that commit allocates
+                        e.settle()
                 device.flush()
         elif op == "write_at":
             offset, length, seed = args

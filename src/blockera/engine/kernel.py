@@ -33,9 +33,12 @@ _FAILED_RE = re.compile(r"(\w+) ioctl on (\S*)(?: \(\d+:\d+\))?\s+failed: (.+)$"
 # under qemu TCG: 262144 blocks in about 0.4 s), with a wide margin.
 _DIGEST_SECONDS_PER_BLOCK = 4e-6
 _SETTLE_SECONDS = 0.02
-# After a checkpoint (which archives a writeset for the worker to digest) the wait is longer:
-# a guest sharing a loaded host's CPU can fall behind the measured rate.
+# After a checkpoint (which archives a writeset for the worker to digest) the waits are longer:
+# a guest sharing a loaded host's CPU can fall behind the measured rate. Digestion starts only
+# with the worker's next pass, i.e. with whatever the caller does after the checkpoint (a write,
+# another message), so the two waits that follow a checkpoint both get the margin.
 _SETTLE_AFTER_CHECKPOINT_SECONDS = 0.25
+_SETTLES_AFTER_CHECKPOINT = 2
 
 
 class KernelEngine:
@@ -47,7 +50,7 @@ class KernelEngine:
         if not udev:
             self.env["DM_DISABLE_UDEV"] = "1"   # libdevmapper then makes /dev/mapper nodes
         self._era_blocks: dict[str, int] = {}    # era blocks of the tables loaded, per device
-        self._checkpointed = False               # a checkpoint message since the last settle
+        self._digest_settles = 0                 # settles still to wait for a digestion
 
     def _note_table(self, name: str, table: str | None) -> None:
         """Remember how many era blocks the device's tables have (for `settle`)."""
@@ -115,8 +118,8 @@ class KernelEngine:
         self.mknodes()
 
     def message(self, name: str, sector: int, args: list[str]) -> str:
-        if args and args[0] == "checkpoint":
-            self._checkpointed = True
+        if args and args[0] in ("checkpoint", "take_metadata_snap"):   # both archive
+            self._digest_settles = _SETTLES_AFTER_CHECKPOINT
         return self._run(["message", name, str(sector), *args], error_class=TargetError).strip()
 
     def status(self, name: str | None = None) -> str:
@@ -140,8 +143,8 @@ class KernelEngine:
         whole writeset of the largest era device this engine loaded, or a moment."""
         budget = _SETTLE_SECONDS + max(self._era_blocks.values(), default=0) \
             * _DIGEST_SECONDS_PER_BLOCK
-        if self._checkpointed:      # a writeset to digest since the last wait: more margin
-            self._checkpointed = False
+        if self._digest_settles:    # a writeset archived since: more margin
+            self._digest_settles -= 1
             budget = max(budget + _SETTLE_AFTER_CHECKPOINT_SECONDS, 2 * budget)
         time.sleep(budget)
 
