@@ -51,6 +51,8 @@ def _file(path: Path, size: int, data: bytes | None = None) -> Path:
         if data is not None:
             for off in range(0, size, len(data)):
                 f.write(data)
+            f.flush()
+            os.fsync(f.fileno())    # on disk, as an LV written out is: no flush pays for it
     return path
 
 
