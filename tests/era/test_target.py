@@ -283,6 +283,51 @@ def test_concurrent_first_writes_share_commits(tmp_path: Path) -> None:
         engine.shutdown()
 
 
+def _submit(dev, block: int, done: list) -> None:
+    dev.submit_write(block * BLOCK, os.urandom(BLOCK), lambda error: done.append((block, error)))
+
+
+def test_the_worker_gathers_as_many_submitted_writes_as_its_last_pass_took(
+        engine: Engine, disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    import blockera.era.target as era_target
+    monkeypatch.setattr(era_target, "_GATHER_MAX_S", 30.0)
+    _era(engine, *disks)
+    dev = engine.device("era")
+    worker = dev.find_target(0).worker
+    done: list = []
+    with worker.cv:             # as if the last pass took 3 writes and its commit took 40 s
+        worker.expected, worker.commit_s = 3, 40.0
+    _submit(dev, 1, done)
+    time.sleep(0.3)
+    assert done == []           # held back for the others a client has in flight
+    _submit(dev, 2, done)
+    _submit(dev, 3, done)
+    deadline = time.monotonic() + 10
+    while len(done) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(done) == [(1, None), (2, None), (3, None)]
+    assert worker.expected == 3
+
+
+def test_gathering_waits_a_share_of_the_last_commit_at_most(
+        engine: Engine, disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    import blockera.era.target as era_target
+    monkeypatch.setattr(era_target, "_GATHER_MAX_S", 30.0)
+    _era(engine, *disks)
+    dev = engine.device("era")
+    worker = dev.find_target(0).worker
+    done: list = []
+    with worker.cv:             # the last commit took 1.2 s: wait up to 0.3 s for a second write
+        worker.expected, worker.commit_s = 2, 1.2
+    started = time.monotonic()
+    _submit(dev, 1, done)
+    while not done and time.monotonic() < started + 10:
+        time.sleep(0.01)
+    assert done == [(1, None)]
+    assert 0.25 <= time.monotonic() - started < 5
+    assert worker.expected == 1     # the next pass expects what this one took
+
+
 def test_a_pass_failing_on_a_bug_fails_every_write_it_took_and_hangs_none(
         engine: Engine, disks, monkeypatch: pytest.MonkeyPatch) -> None:
     _era(engine, *disks)

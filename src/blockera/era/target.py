@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,6 +38,11 @@ from blockera.units import METADATA_BLOCK_SECTORS, SECTOR_BYTES, div_up
 
 log = logging.getLogger(__name__)
 _UINT_RE = re.compile(r"^\s*\+?\d+$", re.ASCII)
+
+# Gathering submitted writes before a pass: the worker waits at most this share of the last
+# commit's duration (and never more than _GATHER_MAX_S) for as many as its last pass took.
+_GATHER_SHARE = 0.25
+_GATHER_MAX_S = 0.005
 
 
 @dataclass(eq=False)
@@ -82,7 +88,11 @@ class _Worker:
     The end of a pass wakes the threads of the writes it recorded and, when more writes wait,
     the thread of the oldest of them to run the next pass -- no other waiting writer.
     Submitted writes (`defer`) have no thread waiting: the worker thread runs the passes while
-    any is queued, and the pass that records one writes it to the origin and reports."""
+    any is queued, and the pass that records one writes it to the origin and reports.
+    A client's writes arrive one by one, so a pass started at the first would commit it alone
+    and the rest would wait for the next commit: when fewer submitted writes are queued than
+    its last pass took, the worker first gathers -- it waits until that many are queued, but
+    no longer than a quarter of the last commit's duration (a group commit delay)."""
 
     def __init__(self, target: "EraTarget") -> None:
         self.target = target
@@ -93,6 +103,9 @@ class _Worker:
         self.marks: list[_Mark] = []
         self.recorded: list[_Mark] = []     # the marks taken by the pass under way
         self.deferred = 0                   # queued marks of submitted writes
+        self.expected = 0                   # submitted writes the worker's last pass took
+        self.commit_s = 0.0                 # how long the last commit of marks took
+        self.gathering = False
         self.calls: list[_Call] = []
         self.suspended = False
         self.requeue = False
@@ -112,20 +125,45 @@ class _Worker:
         which blocks it allocates, and the thread runs the steps back to back."""
         return self.requeue or self.digest.step is not None or self.target.md.archived_writesets
 
+    def _due(self) -> bool:
+        """Work for the worker thread (under the lock): waiting writes run their own passes
+        unless digestion is under way; the thread takes calls, digestion, submitted writes and
+        the writes that arrive meanwhile."""
+        return bool(self.calls or self.requeue or self.deferred or
+                    (self.marks and self._digesting()))
+
     def _run(self) -> None:
         while True:
             with self.cv:
-                # waiting writes run their own passes unless digestion is under way; the
-                # thread takes calls, digestion and the writes that arrive meanwhile
-                while not self.exiting and (self.suspended or self.busy or not (
-                        self.calls or self.requeue or self.deferred or
-                        (self.marks and self._digesting()))):
-                    self.thread_cv.wait()
-                if self.exiting:
-                    return
+                while True:
+                    while not self.exiting and (self.suspended or self.busy or not self._due()):
+                        self.thread_cv.wait()
+                    if self.exiting:
+                        return
+                    if not self._gather() or not (self.suspended or self.busy):
+                        break
                 self.busy = True
                 self.requeue = False
             self._pass()
+
+    def _gather(self) -> bool:
+        """Under the lock, before a pass of the worker thread: wait a little for as many
+        submitted writes as the last pass took (see the class). True if it waited."""
+        if not 0 < self.deferred < self.expected or self.calls or self.requeue or \
+                self._digesting():
+            return False
+        deadline = time.monotonic() + min(self.commit_s * _GATHER_SHARE, _GATHER_MAX_S)
+        self.gathering = True
+        try:
+            while self.deferred < self.expected and not (
+                    self.exiting or self.suspended or self.busy or self.calls):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.thread_cv.wait(left)
+        finally:
+            self.gathering = False
+        return True
 
     def _pass(self) -> None:
         """One pass; the caller has set `busy`. Then the submitted writes it recorded go to
@@ -184,7 +222,7 @@ class _Worker:
         with self.cv:
             self.marks.append(mark)
             self.deferred += 1
-            if not self.busy:
+            if not self.busy and (not self.gathering or self.deferred >= self.expected):
                 self.thread_cv.notify()
 
     def mark(self, mark: _Mark) -> None:
@@ -278,6 +316,8 @@ class _Worker:
         with self.cv:
             batch, self.marks = self.marks, []
             self.recorded = batch       # woken at the end of the pass, done or not
+            if threading.current_thread() is self.thread:
+                self.expected = self.deferred
             self.deferred = 0
         if not batch:
             return
@@ -287,7 +327,9 @@ class _Worker:
         try:
             fresh = md.writeset_set_many([b for mark in batch for b in mark.blocks])
             if fresh:
+                started = time.monotonic()
                 md.commit()
+                self.commit_s = time.monotonic() - started
         except BlockeraError as exc:
             error = exc
         if error is not None:
