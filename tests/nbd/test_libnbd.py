@@ -321,15 +321,19 @@ def test_replies_complete_out_of_order(nbd, start_server) -> None:
     device = SlowAtZeroDevice(MiB)
     device.data[4096:8192] = b"\x77" * 4096
     h = connect(nbd, unix_uri(start_server({"disk": device})))
-    slow = h.aio_pread(nbd.Buffer(4096), 0)
-    fast_buf = nbd.Buffer(4096)
-    fast = h.aio_pread(fast_buf, 4096)
-    deadline = time.monotonic() + 10
-    while not h.aio_command_completed(fast):
-        assert time.monotonic() < deadline, "a request was held up behind a blocked one"
-        h.poll(100)
-    assert fast_buf.to_bytearray() == b"\x77" * 4096
-    assert device.entered.is_set() and h.aio_in_flight() == 1
-    device.release.set()
+    try:
+        slow = h.aio_pread(nbd.Buffer(4096), 0)
+        fast_buf = nbd.Buffer(4096)
+        fast = h.aio_pread(fast_buf, 4096)
+        deadline = time.monotonic() + 10
+        while not h.aio_command_completed(fast):
+            assert time.monotonic() < deadline, "a request was held up behind a blocked one"
+            h.poll(100)
+        assert fast_buf.to_bytearray() == b"\x77" * 4096
+        assert h.aio_in_flight() == 1
+        # (the slow read's thread may not have reached the device yet on a loaded machine)
+        assert device.entered.wait(10)
+    finally:
+        device.release.set()
     wait_all(h, [slow])
     h.shutdown()
