@@ -309,6 +309,9 @@ class MetadataSpaceMap:
         counted by a queued update). Searches a small window first, since the next free block
         is usually right after the cursor."""
         pending = {blk for blk, d in self._pending if d > 0} if self._pending else ()
+        if begin < end and self.counts[begin] == 0 and self._committed.get(begin, 0) == 0 \
+                and begin not in pending:
+            return begin            # the usual case: the block at the cursor
         window = 64
         pos = begin
         while pos < end:
