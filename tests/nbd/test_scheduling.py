@@ -340,6 +340,7 @@ def test_a_client_not_reading_its_replies_does_not_hold_up_the_device(start_serv
         c.connect_export("disk")
         thread = threading.Thread(target=reporter, daemon=True)
         thread.start()
+        c.sock.settimeout(60)           # a server that stops reading fails the test, not hangs
         c.sock.sendall(b"".join(        # empty writes: 1.6 MB of replies, none read meanwhile
             struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, i, (i % 2048) * 512, 0)
             for i in range(n)))
@@ -348,5 +349,5 @@ def test_a_client_not_reading_its_replies_does_not_hold_up_the_device(start_serv
         cookies = {c.simple_reply()[1] for _ in range(n)}
         assert cookies == set(range(n))
     finally:
+        c.close()                       # first: a server blocked sending to it gets an error
         device.report_all()
-        c.close()
