@@ -46,6 +46,10 @@ class InCoreWriteset:
         self.words[block >> 6] |= np.uint64(1 << (block & 63))
 
     def mark_many(self, blocks: list[int]) -> None:
+        if len(blocks) < 8:         # numpy's set-up costs more than a few single marks
+            for block in blocks:
+                self.mark(block)
+            return
         b = np.asarray(blocks, dtype=np.uint64)
         np.bitwise_or.at(self.words, b >> np.uint64(6),
                          np.left_shift(np.uint64(1), b & np.uint64(63)))

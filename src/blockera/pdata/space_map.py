@@ -205,6 +205,8 @@ class MetadataSpaceMap:
 
     # -- queries ---------------------------------------------------------------------------------
     def _pending_adjustment(self, b: int) -> int:
+        if not self._pending:
+            return 0
         return sum(delta for block, delta in self._pending if block == b)
 
     def get_count(self, b: int) -> int:
