@@ -16,6 +16,11 @@ Baselines, measured in the same run on the same files:
   flushes, per group of writes that arrive together. For queue depth n, one thread writes n
   blocks, then a 4 KiB metadata block + fdatasync and a 4 KiB superblock + fdatasync on a
   metadata file, per group; at n = 1 that is a plain write plus two fdatasyncs.
+* replay (fresh-block rows): the era device's own I/O without its Python -- every write and
+  flush the engine made to the metadata file during the pass, recorded, then replayed by
+  os.pwrite / os.fdatasync on the same file, with the same origin writes. era_device /
+  replay is what the Python costs; replay / floor is what the format's I/O costs beyond the
+  floor's (a commit writes its new shadows, at the allocator's positions, not one block).
 
 The metadata file is written out in full first (as an LV or a restored metadata file is), so
 no flush pays for allocating file blocks; the origin file is sparse for every pass.
@@ -35,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report  # noqa: E402
 
+from blockera.blockdev import FileDevice  # noqa: E402
 from blockera.engine.userspace import Engine  # noqa: E402
 
 META_BYTES = 64 << 20
@@ -52,6 +58,58 @@ def _files(work: Path, origin_bytes: int) -> tuple[Path, Path]:
     with open(origin, "wb") as f:
         f.truncate(origin_bytes)
     return meta, origin
+
+
+class _RecordingFile(FileDevice):
+    """A file device that records its writes (offset, length) and flushes (None)."""
+
+    def __init__(self, path: str, writable: bool, ops: list) -> None:
+        super().__init__(path, writable=writable, direct=False)
+        self.ops = ops
+
+    def write(self, offset_bytes: int, data) -> None:
+        super().write(offset_bytes, data)
+        self.ops.append((offset_bytes, len(data)))
+
+    def flush(self) -> None:
+        super().flush()
+        self.ops.append(None)
+
+
+def _recording_engine(meta: Path, ops: list) -> Engine:
+    def opener(path: str, writable: bool) -> FileDevice:
+        if Path(path) == meta:
+            return _RecordingFile(path, writable, ops)
+        return FileDevice(path, writable=writable, direct=False)
+    return Engine(file_opener=opener)
+
+
+def replay_pass(meta: Path, ops: list, origin_fd: int, offsets: list[int], data: bytes,
+                group: int) -> float:
+    """Seconds for the recorded metadata writes and flushes, replayed by plain file I/O, with
+    the origin writes: each group's after the flush that ended one of its commits."""
+    fd = os.open(meta, os.O_WRONLY)
+    buf = os.urandom(1 << 20)
+    todo = list(offsets)
+    try:
+        t0 = time.perf_counter()
+        flushes = 0
+        for op in ops:
+            if op is None:
+                os.fdatasync(fd)
+                flushes += 1
+                if flushes % 2 == 0:        # a commit's second flush: its writes may go
+                    for off in todo[:group]:
+                        os.pwrite(origin_fd, data, off)
+                    del todo[:group]
+            else:
+                offset, length = op
+                os.pwrite(fd, buf[:length], offset)
+        for off in todo:
+            os.pwrite(origin_fd, data, off)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
 
 
 def _run_threads(n: int, fn) -> float:
@@ -139,7 +197,8 @@ def bench(work: Path, origin_mib: int, ops: int) -> list[dict]:
     # -- 4 KiB random writes to fresh blocks, 4 KiB era blocks -------------------------------------
     for writers in QUEUE_DEPTHS:
         meta, origin = _files(work, origin_bytes)
-        engine = Engine()
+        recorded: list = []
+        engine = _recording_engine(meta, recorded)
         engine.create("era", f"0 {origin_bytes // 512} era {meta} {origin} 8")
         dev = engine.device("era")
         n_ops = ops if writers == 1 else ops * 2
@@ -164,17 +223,27 @@ def bench(work: Path, origin_mib: int, ops: int) -> list[dict]:
             plain = _run_threads(writers, plain_writer)
             durable = _run_threads(writers, durable_writer)
             floor = [floor_pass(fd, meta_fd, offsets, page, writers)]
+            del recorded[:]
             era = _run_threads(writers, era_writer)
+            ops_of_pass = list(recorded)
             floor.append(floor_pass(fd, meta_fd, offsets, page, writers))
         finally:
             os.close(fd)
             engine.shutdown()
+        fd = os.open(origin, os.O_WRONLY)
+        try:
+            commits = max(1, sum(op is None for op in ops_of_pass) // 2)
+            replay = replay_pass(meta, ops_of_pass, fd, offsets, page, -(-len(offsets) // commits))
+        finally:
+            os.close(fd)
         n = per * writers
         row = _row(f"4 KiB random write, fresh blocks, QD {writers}", n / plain, n / era,
                    "IOPS")
         row["durable"] = round(n / durable, 1)
         row["ratio_vs_durable"] = round(durable / era, 3)
         _add_floor(row, n / _median(floor))
+        row["replay"] = round(n / replay, 1)
+        row["ratio_vs_replay"] = round(replay / era, 3)
         row["us_per_write"] = round(era / n * 1e6)
         rows.append(row)
     os.close(meta_fd)
@@ -194,7 +263,7 @@ def _row(name: str, plain: float, era: float, unit: str) -> dict:
     return {"operation": name, "unit": unit, "plain_file": round(plain, 1),
             "era_device": round(era, 1), "ratio": round(era / plain, 3),
             "durable": "-", "ratio_vs_durable": "-", "floor": "-", "ratio_vs_floor": "-",
-            "us_per_write": "-"}
+            "replay": "-", "ratio_vs_replay": "-", "us_per_write": "-"}
 
 
 def main() -> None:
