@@ -52,7 +52,12 @@ class ChunkMap:
             capacity = max(need, 2 * len(self._old))
             self._old = np.resize(self._old, capacity)
             self._new = np.resize(self._new, capacity)
-        if pairs:
+        if len(pairs) < 8:          # numpy's set-up costs more than a few stores
+            for i, (old, new) in enumerate(pairs, self._n):
+                self._old[i] = old
+                self._new[i] = new
+            self._n = need
+        else:
             columns = np.array(pairs, dtype=np.uint64)
             self._old[self._n: need] = columns[:, 0]
             self._new[self._n: need] = columns[:, 1]

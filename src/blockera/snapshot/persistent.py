@@ -56,6 +56,7 @@ class PersistentStore(ExceptionStore):
         self.created = False
         self.anomalies: AnomalyReport | None = None
         self._merging = False
+        self._cow_sectors = 0       # the COW's size as last read (again when a chunk won't fit)
         self._set_area(bytearray(self.geometry.chunk_bytes))
 
     def _set_area(self, raw: bytes | bytearray) -> None:
@@ -143,12 +144,12 @@ class PersistentStore(ExceptionStore):
             self._require_valid()
             if self._merging:
                 raise TargetError("the store is being merged: no new exceptions")
-            size_sectors = self.cow.size_bytes // SECTOR_BYTES
-            cs = self.chunk_sectors
             chunks = self.geometry.next_chunks(self.next_free, count)
-            fits = len(chunks)
-            while fits and size_sectors < (chunks[fits - 1] + 1) * cs:
-                fits -= 1       # chunks ascend: the ones past the COW's end are at the tail
+            fits = self._fitting(chunks)
+            if fits < count:    # read the size again only when it matters (a system call)
+                self._cow_sectors = self.cow.size_bytes // SECTOR_BYTES
+                fits = self._fitting(chunks)
+            size_sectors, cs = self._cow_sectors, self.chunk_sectors
             self._pending.extend(chunks[:fits])
             if fits < count:   # what fitted stays allocated, as one allocation at a time did
                 full = chunks[fits]
@@ -159,6 +160,13 @@ class PersistentStore(ExceptionStore):
             if chunks:
                 self.next_free = self.geometry.skip_metadata(chunks[-1] + 1)
             return chunks
+
+    def _fitting(self, chunks: list[int]) -> int:
+        """How many of the ascending `chunks` end within the COW as last measured."""
+        fits, end_sectors = len(chunks), self._cow_sectors
+        while fits and end_sectors < (chunks[fits - 1] + 1) * self.chunk_sectors:
+            fits -= 1
+        return fits
 
     def commit(self, pairs: Iterable[tuple[int, int]]) -> None:
         """Append `pairs` (in allocation order) to the current area and make them durable.
