@@ -62,7 +62,11 @@ class ChunkMap:
             self._old[self._n: need] = columns[:, 0]
             self._new[self._n: need] = columns[:, 1]
             self._n = need
-        for old, new in pairs:
+        added = dict(pairs)
+        if len(added) == len(pairs) and self._map.keys().isdisjoint(added):
+            self._map.update(added)         # the usual case: all new chunks
+            return
+        for old, new in pairs:              # an earlier record of a chunk stays the one used
             if old in self._map:
                 self._has_duplicates = True
             else:

@@ -28,6 +28,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+
 from blockera.blockdev import BlockDevice
 from blockera.blocking import about_to_wait
 from blockera.errors import BlockeraError, DeviceError, NoSpaceError
@@ -189,6 +191,24 @@ def copy_chunks(snap: OriginSnapshot, chunks: list[int],
         snap.invalidate("Error reading/writing.")
 
 
+def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(first index, length) of each run of `pairs` consecutive in both fields."""
+    if len(pairs) < 8:
+        runs, i = [], 0
+        while i < len(pairs):
+            old, new = pairs[i]
+            n = 1
+            while i + n < len(pairs) and pairs[i + n] == (old + n, new + n):
+                n += 1
+            runs.append((i, n))
+            i += n
+        return runs
+    a = np.array(pairs, dtype=np.uint64)
+    steps = np.diff(a, axis=0)
+    bounds = [0, *(np.flatnonzero((steps != 1).any(axis=1)) + 1).tolist(), len(pairs)]
+    return [(b, e - b) for b, e in zip(bounds, bounds[1:])]
+
+
 def copy_runs(snap: OriginSnapshot, pairs: list[tuple[int, int]],
               read_pool: ThreadPoolExecutor | None = None) -> None:
     """Copy the origin chunks of `pairs` (old, new) to their COW chunks, run by run (a run is
@@ -201,17 +221,12 @@ def copy_runs(snap: OriginSnapshot, pairs: list[tuple[int, int]],
     origin, cow = snap.origin.dev, snap.cow.dev
     origin_bytes = origin.size_bytes
     pieces: list[tuple[int, int, int]] = []        # (origin offset, length, COW offset)
-    i = 0
-    while i < len(pairs):
+    for i, n in _runs(pairs):
         old, new = pairs[i]
-        n = 1
-        while i + n < len(pairs) and pairs[i + n] == (old + n, new + n):
-            n += 1
         start, end = old * cb, min((old + n) * cb, origin_bytes)
         for offset in range(start, end, COPY_PIECE_BYTES):
             pieces.append((offset, min(COPY_PIECE_BYTES, end - offset),
                            new * cb + (offset - start)))
-        i += n
     first = 0
     while first < len(pieces):
         last, size = first + 1, pieces[first][1]

@@ -69,11 +69,15 @@ class Geometry:
         """The `count` data chunks allocated from `next_free` on, one after another (each
         followed by `skip_metadata`); the chunk after the last is `skip_metadata(last + 1)`."""
         stride = self.stride_chunks
-        chunks = []
-        for _ in range(count):
-            chunks.append(next_free)
-            next_free += 1
-            if next_free % stride == NUM_HEADER_CHUNKS:
+        chunks: list[int] = []
+        while count:
+            # the chunks up to the next metadata chunk after next_free go in one range
+            before_area = stride - (next_free - NUM_HEADER_CHUNKS) % stride
+            take = min(count, before_area)
+            chunks.extend(range(next_free, next_free + take))
+            next_free += take
+            count -= take
+            if take == before_area:
                 next_free += 1
         return chunks
 

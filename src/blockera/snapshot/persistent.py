@@ -181,17 +181,20 @@ class PersistentStore(ExceptionStore):
             epa = self.geometry.exceptions_per_area
             durable = 0
             try:
-                for i, (old, new) in enumerate(pairs):
-                    self._words[self.current_committed] = (old, new)
-                    self.current_committed += 1
-                    if self.current_committed == epa:
-                        self._write_area(fills=True)
-                        self._publish(pairs[durable: i + 1])
-                        durable = i + 1
-                        self.current_area += 1
-                        self.current_committed = 0
-                        self._set_area(bytearray(self.geometry.chunk_bytes))
+                while len(pairs) - durable >= epa - self.current_committed:   # fills the area
+                    end = durable + epa - self.current_committed
+                    self._words[self.current_committed:] = pairs[durable:end]
+                    self.current_committed = epa
+                    self._write_area(fills=True)
+                    self._publish(pairs[durable:end])
+                    durable = end
+                    self.current_area += 1
+                    self.current_committed = 0
+                    self._set_area(bytearray(self.geometry.chunk_bytes))
                 if durable < len(pairs):
+                    rest = pairs[durable:]
+                    self._words[self.current_committed:self.current_committed + len(rest)] = rest
+                    self.current_committed += len(rest)
                     self._write_area(fills=False)
                     self._publish(pairs[durable:])
             except DeviceError as exc:
