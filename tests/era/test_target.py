@@ -287,16 +287,24 @@ def _submit(dev, block: int, done: list) -> None:
     dev.submit_write(block * BLOCK, os.urandom(BLOCK), lambda error: done.append((block, error)))
 
 
-def test_the_worker_gathers_as_many_submitted_writes_as_its_last_pass_took(
-        engine: Engine, disks, monkeypatch: pytest.MonkeyPatch) -> None:
+def _gathering_device(engine: Engine, disks, monkeypatch: pytest.MonkeyPatch,
+                      expected: int, commit_s: float):
+    """An era device whose worker acts as if its last pass took `expected` submitted writes
+    and its commit `commit_s` seconds (no cap on the gathering wait)."""
     import blockera.era.target as era_target
     monkeypatch.setattr(era_target, "_GATHER_MAX_S", 30.0)
     _era(engine, *disks)
     dev = engine.device("era")
     worker = dev.find_target(0).worker
+    with worker.cv:
+        worker.expected, worker.commit_s = expected, commit_s
+    return dev, worker
+
+
+def test_the_worker_gathers_as_many_submitted_writes_as_its_last_pass_took(
+        engine: Engine, disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    dev, worker = _gathering_device(engine, disks, monkeypatch, expected=3, commit_s=40.0)
     done: list = []
-    with worker.cv:             # as if the last pass took 3 writes and its commit took 40 s
-        worker.expected, worker.commit_s = 3, 40.0
     _submit(dev, 1, done)
     time.sleep(0.3)
     assert done == []           # held back for the others a client has in flight
@@ -311,14 +319,9 @@ def test_the_worker_gathers_as_many_submitted_writes_as_its_last_pass_took(
 
 def test_gathering_waits_a_share_of_the_last_commit_at_most(
         engine: Engine, disks, monkeypatch: pytest.MonkeyPatch) -> None:
-    import blockera.era.target as era_target
-    monkeypatch.setattr(era_target, "_GATHER_MAX_S", 30.0)
-    _era(engine, *disks)
-    dev = engine.device("era")
-    worker = dev.find_target(0).worker
+    # the last commit took 1.2 s: wait up to 0.3 s for a second write
+    dev, worker = _gathering_device(engine, disks, monkeypatch, expected=2, commit_s=1.2)
     done: list = []
-    with worker.cv:             # the last commit took 1.2 s: wait up to 0.3 s for a second write
-        worker.expected, worker.commit_s = 2, 1.2
     started = time.monotonic()
     _submit(dev, 1, done)
     while not done and time.monotonic() < started + 10:
