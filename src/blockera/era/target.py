@@ -140,7 +140,7 @@ class _Worker:
                         self.thread_cv.wait()
                     if self.exiting:
                         return
-                    if not self._gather() or not (self.suspended or self.busy):
+                    if not self._gather() or not (self.suspended or self.busy or self.exiting):
                         break
                 self.busy = True
                 self.requeue = False
