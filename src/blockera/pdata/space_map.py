@@ -311,17 +311,19 @@ class MetadataSpaceMap:
         counted by a queued update). Searches a small window first, since the next free block
         is usually right after the cursor."""
         pending = {blk for blk, d in self._pending if d > 0} if self._pending else ()
-        if begin < end and self.counts[begin] == 0 and self._committed.get(begin, 0) == 0 \
-                and begin not in pending:
+
+        def free_since_commit(b: int) -> bool:      # (its current count is known to be 0)
+            return self._committed.get(b, 0) == 0 and b not in pending
+
+        if begin < end and self.counts[begin] == 0 and free_since_commit(begin):
             return begin            # the usual case: the block at the cursor
         window = 64
         pos = begin
         while pos < end:
             stop = min(end, pos + window)
             for off in np.flatnonzero(self.counts[pos:stop] == 0).tolist():
-                b = pos + off
-                if self._committed.get(b, 0) == 0 and b not in pending:
-                    return b
+                if free_since_commit(pos + off):
+                    return pos + off
             pos = stop
             window = min(window * 8, 1 << 16)
         return None

@@ -56,12 +56,11 @@ class ChunkMap:
             for i, (old, new) in enumerate(pairs, self._n):
                 self._old[i] = old
                 self._new[i] = new
-            self._n = need
         else:
             columns = np.array(pairs, dtype=np.uint64)
             self._old[self._n: need] = columns[:, 0]
             self._new[self._n: need] = columns[:, 1]
-            self._n = need
+        self._n = need
         added = dict(pairs)
         if len(added) == len(pairs) and self._map.keys().isdisjoint(added):
             self._map.update(added)         # the usual case: all new chunks

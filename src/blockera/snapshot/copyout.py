@@ -193,16 +193,8 @@ def copy_chunks(snap: OriginSnapshot, chunks: list[int],
 
 def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """(first index, length) of each run of `pairs` consecutive in both fields."""
-    if len(pairs) < 8:
-        runs, i = [], 0
-        while i < len(pairs):
-            old, new = pairs[i]
-            n = 1
-            while i + n < len(pairs) and pairs[i + n] == (old + n, new + n):
-                n += 1
-            runs.append((i, n))
-            i += n
-        return runs
+    if len(pairs) < 2:
+        return [(0, len(pairs))] if pairs else []
     a = np.array(pairs, dtype=np.uint64)
     steps = np.diff(a, axis=0)
     bounds = [0, *(np.flatnonzero((steps != 1).any(axis=1)) + 1).tolist(), len(pairs)]

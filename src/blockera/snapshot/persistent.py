@@ -196,7 +196,7 @@ class PersistentStore(ExceptionStore):
                     self._words[self.current_committed:self.current_committed + len(rest)] = rest
                     self.current_committed += len(rest)
                     self._write_area(fills=False)
-                    self._publish(pairs[durable:])
+                    self._publish(rest)
             except DeviceError as exc:
                 self._fail_commit(exc, durable)
 
