@@ -79,6 +79,27 @@ def test_malformed_key_files(tmp_path: Path) -> None:
         KeyFile.decode(json.dumps(doc).encode(), "ab" * 32, "repo").open("pw")
 
 
+# RFC 7914 section 12's third vector: 16 lanes.
+RFC7914_P16 = bytes.fromhex(
+    "fdbabe1c9d3472007856e7190d01e9fe7c6ad7cbc8237830e77376634b3731622eaf30d92e22a3886ff109"
+    "279d9830dac727afb94a83ee6d8360cbdfa2cc0640")
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 16, None])
+def test_scrypt_lanes_on_several_cores_give_the_same_key(cores: int | None) -> None:
+    params = KdfParams(1024, 8, 16)
+    assert params.derive(b"password", b"NaCl", cores=cores) == RFC7914_P16
+    assert params.derive_on_one_core(b"password", b"NaCl") == RFC7914_P16
+
+
+@pytest.mark.parametrize("n, r, p", [(2, 1, 1), (16, 1, 5), (64, 3, 7), (256, 8, 3),
+                                     (128, 2, 2)])
+def test_scrypt_lanes_match_openssl(n: int, r: int, p: int) -> None:
+    params = KdfParams(n, r, p)
+    salt = bytes(range(64))
+    assert params.derive(b"pw", salt, cores=2) == params.derive_on_one_core(b"pw", salt)
+
+
 def test_restics_memory_budget_gives_n_32768() -> None:
     assert n_for_memory(KDF_MEMORY_MIB) == 32768
     assert n_for_memory(64) == 32768 and n_for_memory(65) == 65536

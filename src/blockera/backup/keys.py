@@ -74,7 +74,21 @@ class KdfParams:
     def memory_bytes(self) -> int:
         return 128 * self.r * (self.n + self.p + 2)
 
-    def derive(self, password: bytes, salt: bytes) -> bytes:
+    def derive(self, password: bytes, salt: bytes, *, cores: int | None = None) -> bytes:
+        """The 64 bytes of scrypt. Its p lanes are independent; OpenSSL (hashlib) and restic
+        run them one after another, pycryptodome runs them on `cores` threads (default:
+        every core, as many as `KDF_MAX_MEMORY_BYTES` holds at 128·r·N bytes a lane)
+        with the same result."""
+        from Crypto.Protocol.KDF import scrypt
+
+        self.check()
+        threads = min(self.p, cores if cores is not None else os.cpu_count() or 1,
+                      max(1, KDF_MAX_MEMORY_BYTES // (128 * self.r * self.n)))
+        return scrypt(password, salt, KDF_OUTPUT_BYTES, self.n, self.r, self.p,
+                      threads=threads)
+
+    def derive_on_one_core(self, password: bytes, salt: bytes) -> bytes:
+        """The same bytes by OpenSSL on one core, restic's way (for `calibrate`)."""
         self.check()
         return hashlib.scrypt(password, salt=salt, n=self.n, r=self.r, p=self.p,
                               maxmem=self.memory_bytes() + (1 << 20), dklen=KDF_OUTPUT_BYTES)
@@ -84,14 +98,16 @@ class KdfParams:
                   memory_mib: int = KDF_MEMORY_MIB) -> "KdfParams":
         """restic's choice for a new key on this machine: the largest power-of-two N whose
         memory (128·r·N) stays under `memory_mib`, halved while one derivation exceeds the
-        timeout; then p as high as fits in the timeout."""
+        timeout; then p as high as fits in the timeout. Timed as restic derives (OpenSSL's
+        scrypt, like Go's, on one core): a key made here costs restic what it would cost had
+        restic made it."""
         salt = os.urandom(SALT_BYTES)
         r = 8
         n = n_for_memory(memory_mib, r)
 
         def run(params: "KdfParams") -> float:
             start = time.perf_counter()
-            params.derive(b"weakpassword", salt)
+            params.derive_on_one_core(b"weakpassword", salt)
             return time.perf_counter() - start
 
         duration = run(cls(n, r, 1))
