@@ -13,9 +13,12 @@ import pytest
 from blockera.backup import (BlobType, FileType, GoTime, LockConflictError, LockLostError,
                              Repository, RepositoryError, remove_stale_locks)
 from blockera.backup.ids import hash_id
-from blockera.backup.locks import LockRecord, RepositoryLock, is_stale, list_locks
+from blockera.backup.counting import CountingBackend
+from blockera.backup.local import LocalBackend
+from blockera.backup.locks import (RECHECK_DELAY_S, LockRecord, RepositoryLock, is_stale,
+                                   list_locks)
 
-from .helpers import new_repo, start_lock_holder
+from .helpers import PASSWORD, new_repo, start_lock_holder
 
 MIN_NS = 60 * 1_000_000_000
 NOW = 1_800_000_000 * 1_000_000_000
@@ -90,6 +93,41 @@ def test_race_is_caught_by_the_recheck(tmp_path: Path) -> None:
     with pytest.raises(LockConflictError, match="other-host"):
         lock.acquire()
     timer.join()
+    assert [r.hostname for _, r in list_locks(repo)] == ["other-host"]   # ours was removed
+
+
+class _LaggingListings(LocalBackend):
+    lists_saves_at_once = False      # as on an S3 store
+
+
+def test_the_second_look_waits_only_where_listings_lag(tmp_path: Path) -> None:
+    local = new_repo(tmp_path / "local")
+    assert RepositoryLock(local).recheck_delay_s == 0
+    assert RepositoryLock(local, recheck_delay_s=0.5).recheck_delay_s == 0.5
+    counted = Repository.open(CountingBackend(local.backend), PASSWORD)
+    assert RepositoryLock(counted).recheck_delay_s == 0
+    lagging = Repository.open(_LaggingListings(tmp_path / "local"), PASSWORD)
+    assert RepositoryLock(lagging).recheck_delay_s == RECHECK_DELAY_S == 0.2
+
+
+def test_a_lock_created_just_after_ours_is_caught_without_waiting(tmp_path: Path) -> None:
+    """On a local repository the second look comes at once: an exclusive lock another process
+    created right after ours (its first look missed ours) is in that look's listing."""
+    repo = new_repo(tmp_path / "repo")
+    intruder = LockRecord(GoTime.now(), True, "other-host", "u", 1)
+    save = repo.save_unpacked
+
+    def save_then_race(ftype: FileType, raw: bytes) -> str:
+        name = save(ftype, raw)
+        if ftype is FileType.LOCK and b"other-host" not in raw:
+            save(FileType.LOCK, intruder.encode())
+        return name
+
+    repo.save_unpacked = save_then_race  # type: ignore[method-assign]
+    lock = RepositoryLock(repo, False)
+    assert lock.recheck_delay_s == 0
+    with pytest.raises(LockConflictError, match="other-host"):
+        lock.acquire()
     assert [r.hostname for _, r in list_locks(repo)] == ["other-host"]   # ours was removed
 
 

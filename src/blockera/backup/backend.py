@@ -52,6 +52,12 @@ Buffer = bytes | bytearray | memoryview
 class Backend(ABC):
     """Byte storage for one repository."""
 
+    lists_saves_at_once: bool = False
+    """Does every listing begun after a `save` returned include that file, in every process?
+    True for a local directory (files are renamed into place; a directory read after the
+    rename sees them); False where a listing may lag a write (S3-compatible stores in
+    general). A lock's second look at the others waits out the lag (locks.py)."""
+
     @property
     @abstractmethod
     def location(self) -> str:

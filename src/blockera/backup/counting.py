@@ -23,6 +23,10 @@ class CountingBackend(Backend):
     def location(self) -> str:
         return self.inner.location
 
+    @property
+    def lists_saves_at_once(self) -> bool:  # type: ignore[override]
+        return self.inner.lists_saves_at_once
+
     def create(self) -> None:
         self.inner.create()
 

@@ -38,6 +38,8 @@ _TMP_MARK = "-tmp-"
 class LocalBackend(Backend):
     """Files under one directory."""
 
+    lists_saves_at_once = True
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 

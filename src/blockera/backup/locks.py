@@ -9,10 +9,15 @@ A lock is an unpacked file `locks/<id>` (encrypted, `0x02 || zstd(JSON)` in vers
 * any number of non-exclusive locks may coexist; an exclusive lock conflicts with every other
   lock, so taking one fails if any lock exists, and taking any lock fails if an exclusive one
   exists;
-* a lock is created only after checking the others, and the others are checked again a moment
-  (200 ms) after creating it, so two processes racing both notice; the loser removes its lock.
-  A backup defers that second check to its first write (`acquire(defer_recheck=True)`): it
-  loads the index and reads its source meanwhile, and writes nothing before the check passed;
+* a lock is created only after checking the others, and the others are checked again after
+  creating it, so of two processes racing at least one notices; it removes its lock. restic
+  waits 200 ms before that second look, for stores whose listings lag their writes; blockera
+  waits as long on such a backend, and not at all where every listing begun after a save
+  includes the file (`Backend.lists_saves_at_once`, a local directory): there, if A created
+  its lock first, B's second look (after B's creation) lists A's, whatever B's wait (restic's
+  200 ms included). A backup defers that second look to its first write
+  (`acquire(defer_recheck=True)`): it loads the index and reads its source meanwhile, and
+  writes nothing before the check passed;
 * a lock is stale when its time is more than 30 minutes old, or when it was made on this host
   by a process that no longer exists. Stale locks still conflict (restic keeps them until
   `restic unlock` removes them: `remove_stale_locks` here); the error says they are stale;
@@ -224,7 +229,7 @@ class RepositoryLock:
                  refresh_interval_s: float = REFRESH_INTERVAL_S,
                  refreshability_s: float = REFRESHABILITY_S,
                  stale_after_s: float = STALE_AFTER_S,
-                 recheck_delay_s: float = RECHECK_DELAY_S,
+                 recheck_delay_s: float | None = None,
                  clock_ns: Callable[[], int] = time.time_ns,
                  hostname: str | None = None,
                  pid: int | None = None,
@@ -234,6 +239,8 @@ class RepositoryLock:
         self.refresh_interval_s = refresh_interval_s
         self.refreshability_s = refreshability_s
         self.stale_after_s = stale_after_s
+        if recheck_delay_s is None:
+            recheck_delay_s = 0.0 if repo.backend.lists_saves_at_once else RECHECK_DELAY_S
         self.recheck_delay_s = recheck_delay_s
         self.clock_ns = clock_ns
         self.hostname = socket.gethostname() if hostname is None else hostname
@@ -382,8 +389,9 @@ class RepositoryLock:
             new = self.repo.save_unpacked(FileType.LOCK, record.encode())
             if (self.clock_ns() - self._last_refresh_ns) / _NS > self.refreshability_s:
                 # Possibly stale already: keep it only if the old file survived the moment
-                # anyone else could have taken it as stale and removed it.
-                time.sleep(self.recheck_delay_s)
+                # anyone else could have taken it as stale and removed it (restic's moment:
+                # a race between processes, which no listing guarantee shortens).
+                time.sleep(RECHECK_DELAY_S)
                 if not self._exists(old):
                     self._remove_own(new)
                     self._lost = "it went stale and was removed by someone else"
