@@ -4,8 +4,8 @@
    quarters text-like; zstd -3 shrinks it to about half): `restic backup IMAGE` into a
    repository `restic init` made against `blockera backup IMAGE` into one blockera made with
    the same scrypt parameters (restic's calibration, about half a second of key derivation
-   when a command opens the repository; the parameters are in the results). Goal: at least
-   1.5x restic's throughput.
+   on one core when a command opens the repository; blockera runs scrypt's p lanes on every
+   core; the parameters are in the results). Goal: at least 1.5x restic's throughput.
 2. Incremental after rewriting 1 % of the 1 MiB chunks (20 of 2048): restic re-reads the whole
    file (its mtime changed); blockera gets the changed ranges as `--changed` JSON, as an era
    or COW list would give them. Rounds alternate, each with new changes. Goal: 10x faster.
