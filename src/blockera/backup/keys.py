@@ -83,7 +83,7 @@ class KdfParams:
 
         self.check()
         threads = min(self.p, cores if cores is not None else os.cpu_count() or 1,
-                      max(1, KDF_MAX_MEMORY_BYTES // (128 * self.r * self.n)))
+                      KDF_MAX_MEMORY_BYTES // (128 * self.r * self.n))   # >= 1 once checked
         return scrypt(password, salt, KDF_OUTPUT_BYTES, self.n, self.r, self.p,
                       threads=threads)
 
